@@ -1,0 +1,358 @@
+"""The `mailwarden` command.
+
+Every command takes `--dir DIR`, the instance folder (default
+$MAILWARDEN_DIR, else /var/lib/mailwarden). Errors are one line on stderr
+with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mailwarden import __version__
+from mailwarden import config as config_mod
+from mailwarden.config import ConfigError
+from mailwarden.security.passwords import PasswordPolicyError, check_policy
+from mailwarden.security.tls import TlsConfigError, write_self_signed
+from mailwarden.server import InstancePaths, make_hashing, open_store, serve_forever
+from mailwarden.storage.interfaces import StorageError
+from mailwarden.storage.sql import SqlStore
+
+
+class CliError(Exception):
+    """A user mistake; printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _default_dir() -> str:
+    return os.environ.get("MAILWARDEN_DIR", "/var/lib/mailwarden")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--dir", default=argparse.SUPPRESS, help="instance folder (default $MAILWARDEN_DIR or /var/lib/mailwarden)")
+    p = _Parser(prog="mailwarden", description="Mailwarden mail server", parents=[common])
+    p.add_argument("--version", action="version", version=f"mailwarden {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def cmd(parent: Any, name: str, func: Callable[..., Any], help_text: str) -> argparse.ArgumentParser:
+        sp = parent.add_parser(name, help=help_text, parents=[common])
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = cmd(sub, "init", cmd_init, "create a new instance and print the DNS records to publish")
+    sp.add_argument("--domain", required=True)
+    sp.add_argument("--hostname")
+    sp.add_argument("--dev", action="store_true", help="bind loopback on unprivileged ports")
+    sp.add_argument("--cert", help="use this PEM certificate instead of a self-signed one")
+    sp.add_argument("--key", help="the private key for --cert")
+
+    cmd(sub, "serve", cmd_serve, "run the server in the foreground")
+
+    cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    sp = cmd(cfg, "check", cmd_config_check, "validate a config file")
+    sp.add_argument("file", nargs="?")
+    cmd(cfg, "defaults", cmd_config_defaults, "print every key with its default and meaning")
+
+    dom = sub.add_parser("domain", help="hosted domains").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    cmd(dom, "add", cmd_domain_add, "host a domain").add_argument("domain")
+    cmd(dom, "list", cmd_domain_list, "list hosted domains")
+
+    ali = sub.add_parser("alias", help="aliases and catch-alls").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    sp = cmd(ali, "add", cmd_alias_add, "add SOURCE -> TARGET (SOURCE @domain is a catch-all)")
+    sp.add_argument("source")
+    sp.add_argument("target")
+    cmd(ali, "list", cmd_alias_list, "list aliases")
+    sp = cmd(ali, "del", cmd_alias_del, "delete an alias (all its targets unless TARGET is given)")
+    sp.add_argument("source")
+    sp.add_argument("target", nargs="?")
+
+    usr = sub.add_parser("user", help="mail accounts").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    sp = cmd(usr, "add", cmd_user_add, "create an account")
+    sp.add_argument("address")
+    sp.add_argument("--password-stdin", action="store_true")
+    cmd(usr, "del", cmd_user_del, "delete an account and its mail").add_argument("address")
+    cmd(usr, "list", cmd_user_list, "list accounts")
+    sp = cmd(usr, "passwd", cmd_user_passwd, "set a new password")
+    sp.add_argument("address")
+    sp.add_argument("--password-stdin", action="store_true")
+
+    mbx = sub.add_parser("mailbox", help="read mailboxes").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    sp = cmd(mbx, "ls", cmd_mailbox_ls, "list messages: uid, date, from, subject")
+    sp.add_argument("address")
+    sp.add_argument("--folder", default="INBOX")
+    sp = cmd(mbx, "cat", cmd_mailbox_cat, "print one raw message")
+    sp.add_argument("address")
+    sp.add_argument("uid", type=int)
+    sp.add_argument("--folder", default="INBOX")
+
+    que = sub.add_parser("queue", help="outbound queue").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    cmd(que, "list", cmd_queue_list, "list queued recipients")
+    cmd(que, "show", cmd_queue_show, "show a queued message").add_argument("queue_id")
+    cmd(que, "delete", cmd_queue_delete, "delete a queued message").add_argument("queue_id")
+    return p
+
+
+# ---- helpers ---------------------------------------------------------------
+
+
+def _paths(args: argparse.Namespace) -> InstancePaths:
+    return InstancePaths(Path(getattr(args, "dir", None) or _default_dir()))
+
+
+def _load_config(paths: InstancePaths) -> config_mod.Config:
+    if not paths.config.exists():
+        raise CliError(f"no instance at {paths.root} (run `mailwarden init` or pass --dir)")
+    return config_mod.load(paths.config)
+
+
+def _with_store(args: argparse.Namespace, work: Callable[[SqlStore], Awaitable[Any]]) -> Any:
+    paths = _paths(args)
+    _load_config(paths)
+
+    async def run() -> Any:
+        store = await open_store(paths)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise CliError("passwords do not match")
+    return password
+
+
+def _hash_new_password(args: argparse.Namespace, address: str) -> str:
+    cfg = _load_config(_paths(args))
+    password = _read_password(args)
+    check_policy(password, address, cfg.get("accounts.password_min_length"))
+    return make_hashing(cfg).hash_sync(password)
+
+
+def _write_bytes(data: bytes) -> None:
+    """Raw message bytes to stdout, unchanged when stdout is a real stream."""
+    sys.stdout.flush()
+    if hasattr(sys.stdout, "buffer"):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        sys.stdout.write(data.decode("utf-8", "surrogateescape"))
+
+
+def _fmt_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+# ---- commands --------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    paths = _paths(args)
+    if paths.config.exists():
+        raise CliError(f"{paths.config} already exists; refusing to overwrite an instance")
+    domain = args.domain.strip().lower()
+    hostname = (args.hostname or ("localhost" if args.dev else f"mail.{domain}")).lower()
+    if bool(args.cert) != bool(args.key):
+        raise CliError("--cert and --key go together")
+    for sub in ("tls", "data", "spool", "run"):
+        (paths.root / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(paths.root / "tls", 0o700)
+    overrides: dict[str, Any] = {"server.hostname": hostname, "server.primary_domain": domain}
+    if args.dev:
+        overrides.update(config_mod.DEV_LISTENERS)
+    if args.cert:
+        overrides["tls.cert"] = str(Path(args.cert).resolve())
+        overrides["tls.key"] = str(Path(args.key).resolve())
+    else:
+        write_self_signed(paths.root / "tls" / "cert.pem", paths.root / "tls" / "key.pem", hostname)
+    paths.config.write_text(config_mod.render(overrides))
+    cfg = config_mod.load(paths.config)  # the file we wrote must validate
+
+    async def setup() -> None:
+        store = await open_store(paths)
+        try:
+            await store.add_domain(domain)
+        finally:
+            await store.close()
+
+    asyncio.run(setup())
+    print(f"Created instance in {paths.root} for {domain} (hostname {hostname}).")
+    print(f"Config: {paths.config}")
+    print()
+    print(dns_records(domain, hostname))
+    if args.dev:
+        listeners = ", ".join(f"{k.split('.')[1]} {v}" for k, v in config_mod.DEV_LISTENERS.items())
+        print(f"Development listeners: {listeners}")
+    _ = cfg
+
+
+def dns_records(domain: str, hostname: str) -> str:
+    return "\n".join(
+        [
+            "Publish these DNS records:",
+            f"  {hostname}.  IN A     <this server's IPv4 address>",
+            f"  {hostname}.  IN AAAA  <this server's IPv6 address, if any>",
+            f"  {domain}.  IN MX   10 {hostname}.",
+            f'  {domain}.  IN TXT  "v=spf1 mx -all"',
+            f'  _dmarc.{domain}.  IN TXT  "v=DMARC1; p=quarantine; adkim=s; aspf=s; rua=mailto:postmaster@{domain}"',
+            "  (DKIM records follow once outbound signing is configured.)",
+            f"Set the PTR record of the server's address to {hostname}.",
+        ]
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from mailwarden.logs import setup_logging
+
+    paths = _paths(args)
+    cfg = _load_config(paths)
+    setup_logging(cfg.get("log.level"))
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve_forever(cfg, paths))
+
+
+def cmd_config_check(args: argparse.Namespace) -> None:
+    path = Path(args.file) if args.file else _paths(args).config
+    config_mod.load(path)
+    print(f"{path}: ok")
+
+
+def cmd_config_defaults(args: argparse.Namespace) -> None:
+    print(config_mod.render(), end="")
+
+
+def cmd_domain_add(args: argparse.Namespace) -> None:
+    _with_store(args, lambda s: s.add_domain(args.domain))
+    print(f"added domain {args.domain.lower()}")
+
+
+def cmd_domain_list(args: argparse.Namespace) -> None:
+    for name in _with_store(args, lambda s: s.list_domains()):
+        print(name)
+
+
+def cmd_alias_add(args: argparse.Namespace) -> None:
+    _with_store(args, lambda s: s.add_alias(args.source, args.target))
+    print(f"added alias {args.source.lower()} -> {args.target.lower()}")
+
+
+def cmd_alias_list(args: argparse.Namespace) -> None:
+    for source, target in _with_store(args, lambda s: s.list_aliases()):
+        print(f"{source}\t{target}")
+
+
+def cmd_alias_del(args: argparse.Namespace) -> None:
+    n = _with_store(args, lambda s: s.delete_alias(args.source, args.target))
+    if n == 0:
+        raise CliError(f"no alias {args.source}")
+    print(f"deleted {n} alias entr{'y' if n == 1 else 'ies'}")
+
+
+def cmd_user_add(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower()
+    password_hash = _hash_new_password(args, address)
+    _with_store(args, lambda s: s.add_account(address, password_hash))
+    print(f"added user {address}")
+
+
+def cmd_user_del(args: argparse.Namespace) -> None:
+    _with_store(args, lambda s: s.delete_account(args.address))
+    print(f"deleted user {args.address.lower()}")
+
+
+def cmd_user_list(args: argparse.Namespace) -> None:
+    for address in _with_store(args, lambda s: s.list_accounts()):
+        print(address)
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower()
+    if _with_store(args, lambda s: s.get_account(address)) is None:
+        raise CliError(f"no such user {address}")
+    password_hash = _hash_new_password(args, address)
+    _with_store(args, lambda s: s.set_password(address, password_hash))
+    print(f"password changed for {address}")
+
+
+def cmd_mailbox_ls(args: argparse.Namespace) -> None:
+    messages = _with_store(args, lambda s: s.list_messages(args.address, args.folder))
+    print("UID\tDATE\tFROM\tSUBJECT")
+    for m in messages:
+        print(f"{m.uid}\t{_fmt_time(m.internal_date)}\t{m.from_}\t{m.subject}")
+
+
+def cmd_mailbox_cat(args: argparse.Namespace) -> None:
+    _write_bytes(_with_store(args, lambda s: s.read_message(args.address, args.folder, args.uid)))
+
+
+def cmd_queue_list(args: argparse.Namespace) -> None:
+    entries = _with_store(args, lambda s: s.list_queue())
+    print("QUEUE-ID\tCREATED\tSTATUS\tATTEMPTS\tSENDER\tRECIPIENT")
+    for e in entries:
+        print(f"{e.queue_id}\t{_fmt_time(e.created)}\t{e.status}\t{e.attempts}\t{e.sender or '<>'}\t{e.recipient}")
+
+
+def cmd_queue_show(args: argparse.Namespace) -> None:
+    qid = args.queue_id.upper()
+
+    async def fetch(store: SqlStore) -> tuple[list[Any], bytes]:
+        entries = [e for e in await store.list_queue() if e.queue_id == qid]
+        return entries, store.blobs.read(entries[0].blob) if entries else b""
+
+    entries, data = _with_store(args, fetch)
+    if not entries:
+        raise CliError(f"no queued message {args.queue_id}")
+    first = entries[0]
+    print(f"Queue-ID: {first.queue_id}")
+    print(f"Sender: <{first.sender}>")
+    print(f"Size: {first.size}")
+    print(f"Created: {_fmt_time(first.created)}")
+    for e in entries:
+        print(f"Recipient: <{e.recipient}> status={e.status} attempts={e.attempts} last_error={e.last_error!r}")
+    print()
+    _write_bytes(data)
+
+
+def cmd_queue_delete(args: argparse.Namespace) -> None:
+    n = _with_store(args, lambda s: s.delete_queued(args.queue_id.upper()))
+    if n == 0:
+        raise CliError(f"no queued message {args.queue_id}")
+    print(f"deleted {args.queue_id.upper()} ({n} recipient{'s' if n != 1 else ''})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, ConfigError, StorageError, PasswordPolicyError, TlsConfigError) as exc:
+        print(f"mailwarden: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

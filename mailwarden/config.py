@@ -1,0 +1,186 @@
+"""One TOML file, validated at start.
+
+The schema below is the single source of truth: validation, the documented
+defaults (`mailwarden config defaults`, docs/configuration.md) and the typed
+`Config` object all come from it, so a default can never be undocumented.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A config value is wrong; the message names the key and the problem."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config error: {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str  # "section.name"
+    kind: type | tuple[type, ...]
+    default: Any
+    doc: str
+    minimum: int | float | None = None
+    choices: tuple[str, ...] | None = None
+    is_address: bool = False
+
+
+# Production defaults. `init --dev` overrides the listen.* keys only.
+OPTIONS: tuple[Option, ...] = (
+    Option("server.hostname", str, "localhost", "Name this server gives in its banner, EHLO reply and Received headers; set it to the MX host name."),
+    Option("server.primary_domain", str, "", "The domain created by `init`; used in DNS record output."),
+    Option("listen.mx", str, "0.0.0.0:25", "MX listener (SMTP, STARTTLS offered, no AUTH before TLS). Empty string disables it.", is_address=True),
+    Option("listen.submission", str, "0.0.0.0:587", "Submission listener (STARTTLS, AUTH required before MAIL).", is_address=True),
+    Option("listen.submissions", str, "0.0.0.0:465", "Submission over implicit TLS (RFC 8314).", is_address=True),
+    Option("listen.imap", str, "0.0.0.0:143", "IMAP listener (STARTTLS); reserved until the IMAP server lands.", is_address=True),
+    Option("listen.imaps", str, "0.0.0.0:993", "IMAP over implicit TLS; reserved until the IMAP server lands.", is_address=True),
+    Option("listen.web", str, "0.0.0.0:443", "HTTPS admin console and webmail; reserved until the web layer lands.", is_address=True),
+    Option("listen.metrics", str, "127.0.0.1:9025", "Prometheus /metrics over plain HTTP. Keep it on loopback or a management network.", is_address=True),
+    Option("tls.cert", str, "tls/cert.pem", "PEM certificate chain, relative to the instance folder. Reloaded on SIGHUP."),
+    Option("tls.key", str, "tls/key.pem", "PEM private key, relative to the instance folder. Reloaded on SIGHUP."),
+    Option("smtp.max_message_size", int, 26_214_400, "Largest message accepted, in bytes (advertised as SIZE; larger gets 552 5.3.4).", minimum=1024),
+    Option("smtp.max_recipients", int, 100, "Recipients per message; past it RCPT gets 452 4.5.3.", minimum=1),
+    Option("smtp.max_messages_per_session", int, 100, "Messages per connection; past it the session gets 421 4.7.0 and is closed.", minimum=1),
+    Option("smtp.max_command_line", int, 2048, "Longest command line in bytes, CRLF included (RFC 5321 asks for at least 512).", minimum=512),
+    Option("smtp.max_data_line", int, 65_536, "Longest line inside DATA. RFC 5321 says 1000, but real mail breaks that, so the bound protects memory instead.", minimum=1000),
+    Option("smtp.max_errors", int, 20, "Error replies (5xx) in one session before it is closed with 421 4.7.0.", minimum=1),
+    Option("smtp.command_timeout", float, 300.0, "Seconds to wait for the next command (RFC 5321 §4.5.3.2.7 says at least 5 minutes).", minimum=1),
+    Option("smtp.data_timeout", float, 600.0, "Seconds a whole DATA transfer may take.", minimum=1),
+    Option("smtp.recipient_delimiter", str, "+", "user+tag@domain is delivered to user@domain. Empty string turns this off."),
+    Option("accounts.password_min_length", int, 12, "Shortest password accepted by the password policy.", minimum=8),
+    Option("accounts.hash_concurrency", int, 2, "Argon2 hashes that may run at once (each costs ~64 MiB and ~250 ms).", minimum=1),
+    Option("accounts.argon2_time_cost", int, 3, "Argon2id iterations.", minimum=1),
+    Option("accounts.argon2_memory_kib", int, 65_536, "Argon2id memory per hash in KiB.", minimum=8192),
+    Option("queue.segment_max_bytes", int, 16_777_216, "Spool journal segment size before it rotates.", minimum=65_536),
+    Option("queue.group_commit_max", int, 512, "Most messages made durable by one fsync of the spool journal.", minimum=1),
+    Option("log.level", str, "info", "Log level.", choices=("debug", "info", "warning", "error")),
+)
+
+_BY_KEY = {o.key: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated settings. Read with `cfg.get("smtp.max_recipients")` or attributes."""
+
+    values: dict[str, Any]
+    instance_dir: Path
+
+    def get(self, key: str) -> Any:
+        return self.values[key]
+
+    def path(self, key: str) -> Path:
+        """A path-valued key, resolved against the instance folder."""
+        p = Path(self.values[key])
+        return p if p.is_absolute() else self.instance_dir / p
+
+    def listen(self, name: str) -> tuple[str, int] | None:
+        value = self.values[f"listen.{name}"]
+        return parse_address(f"listen.{name}", value) if value else None
+
+
+def parse_address(key: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ConfigError(key, f"port {port!r} is not a number") from None
+    if not 0 <= port_n <= 65535:
+        raise ConfigError(key, f"port {port_n} is out of range 0-65535")
+    return host, port_n
+
+
+def validate(raw: dict[str, Any], instance_dir: Path) -> Config:
+    values = {o.key: o.default for o in OPTIONS}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(section, "expected a [table]")
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            opt = _BY_KEY.get(key)
+            if opt is None:
+                raise ConfigError(key, "unknown key")
+            values[key] = _check(opt, value)
+    return Config(values=values, instance_dir=instance_dir)
+
+
+def _check(opt: Option, value: Any) -> Any:
+    if opt.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and opt.kind is not bool:
+        raise ConfigError(opt.key, f"expected {opt.kind.__name__}, got a boolean")
+    if not isinstance(value, opt.kind):
+        raise ConfigError(opt.key, f"expected {opt.kind.__name__}, got {type(value).__name__} {value!r}")
+    if opt.minimum is not None and value < opt.minimum:
+        raise ConfigError(opt.key, f"must be at least {opt.minimum}, got {value}")
+    if opt.choices is not None and value not in opt.choices:
+        raise ConfigError(opt.key, f"must be one of {', '.join(opt.choices)}, got {value!r}")
+    if opt.is_address and value:
+        parse_address(opt.key, value)
+    return value
+
+
+def load(path: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    return validate(raw, path.parent)
+
+
+def render(overrides: dict[str, Any] | None = None, with_docs: bool = True) -> str:
+    """A complete config file: every key, its value and what it does."""
+    overrides = overrides or {}
+    out: list[str] = ["# Mailwarden configuration. Every key is shown with its default and meaning.", ""]
+    section = ""
+    for opt in OPTIONS:
+        sec, name = opt.key.split(".", 1)
+        if sec != section:
+            if section:
+                out.append("")
+            out.append(f"[{sec}]")
+            section = sec
+        if with_docs:
+            out.append(f"# {opt.doc}")
+        out.append(f"{name} = {_toml_value(overrides.get(opt.key, opt.default))}")
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def markdown_table() -> str:
+    """The table in docs/configuration.md; a test keeps the two equal."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for opt in OPTIONS:
+        rows.append(f"| `{opt.key}` | `{_toml_value(opt.default)}` | {opt.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+DEV_LISTENERS = {
+    "listen.mx": "127.0.0.1:2525",
+    "listen.submission": "127.0.0.1:2587",
+    "listen.submissions": "127.0.0.1:2465",
+    "listen.imap": "127.0.0.1:2143",
+    "listen.imaps": "127.0.0.1:2993",
+    "listen.web": "127.0.0.1:8443",
+    "listen.metrics": "127.0.0.1:9025",
+}

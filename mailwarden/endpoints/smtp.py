@@ -1,0 +1,582 @@
+"""SMTP listeners: MX (25), submission (587, STARTTLS) and submissions (465, implicit TLS).
+
+aiosmtpd does the command dispatch, MAIL/RCPT parameter parsing, AUTH
+exchanges and the STARTTLS transport swap. We subclass it where its
+defaults are not safe enough for an internet-facing MTA:
+
+* the command loop (`_handle_client`): strict CRLF, bounded lines, no echo of
+  client bytes, an error budget;
+* DATA: our sans-I/O framer (protocol/smtp_data.py) instead of aiosmtpd's,
+  which accepts bare LF line endings (the SMTP smuggling class);
+* AUTH PLAIN/LOGIN: verified asynchronously with bounded argon2 (aiosmtpd's
+  authenticator is synchronous and would block the loop);
+* EHLO: the capabilities we actually honour, AUTH only once TLS is up;
+* every reply passes `render_reply` (enhanced status codes, no control bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _AuthMechAttr
+
+from mailwarden.config import Config
+from mailwarden.logs import log_event
+from mailwarden.metrics import Metrics
+from mailwarden.pipeline.filing import Filer
+from mailwarden.pipeline.headers import received_header
+from mailwarden.pipeline.recipients import check_recipient
+from mailwarden.pipeline.submission import (
+    check_from_header,
+    check_sender,
+    ensure_message_id,
+    split_header_block,
+)
+from mailwarden.protocol.smtp_data import BodyChunk, DataError, DataFramer, EndOfData, LineError, check_command_line
+from mailwarden.protocol.smtp_reply import SmtpReply, clean_text, render_reply
+from mailwarden.security.passwords import PasswordHashing
+from mailwarden.security.tls import ServerTls
+from mailwarden.storage.interfaces import Accounts, Resolution
+from mailwarden.storage.spool import Spool, SpoolRecord, SpoolWriteError
+
+log = logging.getLogger("mailwarden.smtp")
+
+ROLES = ("mx", "submission", "submissions")
+# A dot-atom reverse/forward path, or the null path <>; anything else goes to the full parser.
+_SIMPLE_PATH = re.compile(
+    r"^<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)@"
+    r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)?>(?:[ \t]+(.*))?$"
+)
+
+
+def new_queue_id() -> str:
+    """Sortable by time, unguessable enough to be unique across nodes."""
+    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(3)}".upper()
+
+
+@dataclass
+class SmtpServices:
+    """What a listener needs; built once by the server, shared by sessions."""
+
+    config: Config
+    accounts: Accounts
+    hashing: PasswordHashing
+    spool: Spool
+    filer: Filer
+    metrics: Metrics
+    tls: ServerTls
+
+
+class _Hooks:
+    """aiosmtpd handler hooks for MAIL and RCPT; the server is the session."""
+
+    async def handle_MAIL(self, server: SmtpSession, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        return await server.on_mail(address, options)
+
+    async def handle_RCPT(self, server: SmtpSession, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+        return await server.on_rcpt(address)
+
+
+_HOOKS = _Hooks()
+
+
+@functools.cache
+def _class_tables(cls: type) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """(SMTP verb, method name) and (AUTH mechanism, method name) pairs of a session class."""
+    names = [n for n in dir(cls) if callable(getattr(cls, n, None))]
+    smtp = tuple((n[5:], n) for n in names if n.startswith("smtp_"))
+    auth = tuple((n[5:].replace("__", "-"), n) for n in names if n.startswith("auth_") and n[5:] in ("PLAIN", "LOGIN"))
+    return smtp, auth
+
+
+class SmtpSession(SMTP):
+    """One SMTP connection. `role` is "mx", "submission" or "submissions"."""
+
+    def __init__(self, services: SmtpServices, role: str, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = services.config
+        self.services = services
+        self.role = role
+        self.cfg_max_size: int = cfg.get("smtp.max_message_size")
+        self.cfg_max_rcpt: int = cfg.get("smtp.max_recipients")
+        self.cfg_max_msgs: int = cfg.get("smtp.max_messages_per_session")
+        self.cfg_max_cmd: int = cfg.get("smtp.max_command_line")
+        self.cfg_max_errors: int = cfg.get("smtp.max_errors")
+        self.cfg_data_line: int = cfg.get("smtp.max_data_line")
+        self.cfg_data_timeout: float = cfg.get("smtp.data_timeout")
+        self.cfg_delim: str = cfg.get("smtp.recipient_delimiter")
+        # aiosmtpd's own __init__ introspects the class with inspect.getmembers
+        # on every connection (~6% of CPU under load); we set the same state
+        # from tables built once per class (_class_tables).
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=max(self.cfg_max_cmd, 1024)),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.__ident__ = "Mailwarden ESMTP"
+        self.loop = loop
+        self.event_handler = _HOOKS
+        self.data_size_limit = self.cfg_max_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = cfg.get("server.hostname")
+        self.tls_context = services.tls.context
+        self.require_starttls = False
+        self._timeout_duration = cfg.get("smtp.command_timeout")
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = None
+        self._auth_required = role != "mx"
+        self._ehlo_hook_ver = None
+        self._enforce_call_limit = False
+        smtp_names, auth_names = _class_tables(type(self))
+        self._smtp_methods = {verb: getattr(self, name) for verb, name in smtp_names}
+        self._auth_methods = {mech: _AuthMechAttr(getattr(self, name), True) for mech, name in auth_names}
+        self._handle_hooks = {"MAIL": _HOOKS.handle_MAIL, "RCPT": _HOOKS.handle_RCPT}
+        self.sid = secrets.token_hex(5)
+        self.ip = "?"
+        self.errors = 0
+        self.messages = 0
+        self.user: str | None = None
+        self.owned: set[str] = set()
+        self.resolutions: list[Resolution] = []
+        self._closing = False
+
+    # ---- connection ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            # STARTTLS finished: aiosmtpd dropped any plaintext pipelined
+            # behind STARTTLS (RFC 3207 §4.2) and started a fresh session.
+            log_event("starttls", sid=self.sid, ip=self.ip, tls=self._tls_summary())
+            self.user = None
+            return
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.ip = str(peer[0])
+        if transport.get_extra_info("ssl_object") is not None:
+            # Implicit TLS (465): mark TLS as active so AUTH is offered and
+            # STARTTLS is not. aiosmtpd only knows about STARTTLS.
+            self._tls_protocol = transport  # type: ignore[assignment]
+            self.session.ssl = transport.get_extra_info("ssl_object")  # type: ignore[union-attr]
+        self.services.metrics.connections.labels(self.role).inc()
+        log_event("connect", sid=self.sid, proto="smtp", listener=self.role, ip=self.ip)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        log_event("disconnect", sid=self.sid, ip=self.ip, messages=self.messages, errors=self.errors)
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None:
+            self.transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        log_event("timeout", sid=self.sid, ip=self.ip)
+        super()._timeout_cb()
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_protocol is not None
+
+    def _ssl_object(self) -> Any:
+        return self.transport.get_extra_info("ssl_object") if self.transport else None
+
+    def _tls_summary(self) -> str | None:
+        ssl_obj = self._ssl_object()
+        if ssl_obj is None:
+            return None
+        return f"{ssl_obj.version()}:{ssl_obj.cipher()[0]}"
+
+    # ---- output ----------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        line = render_reply(text)
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._writer.write(line.encode("utf-8", "replace") + b"\r\n")
+        await self._writer.drain()
+        if line.startswith("5"):
+            self.errors += 1
+            if self.errors >= self.cfg_max_errors and not self._closing:
+                await self._close_with("421 4.7.0 Too many errors, closing connection", "too_many_errors")
+
+    async def _close_with(self, status: str, reason: str) -> None:
+        self._closing = True
+        log_event("close", sid=self.sid, ip=self.ip, reason=reason)
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(render_reply(status).encode() + b"\r\n")
+            try:
+                await self._writer.drain()
+            except ConnectionError:
+                pass
+            self.transport.close()
+
+    def _reject(self, reason: str) -> None:
+        self.services.metrics.rejected.labels(self.role, reason).inc()
+
+    # ---- the command loop -------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        await self.push(f"220 {self.hostname} Mailwarden ESMTP")
+        reader = self._reader
+        while self.transport is not None and not self._closing:
+            try:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError as exc:
+                    await self._discard_long_line(exc.consumed)
+                    self._reject("line_too_long")
+                    await self.push("500 5.5.2 Line too long")
+                    continue
+                except asyncio.IncompleteReadError:
+                    break  # client closed
+                problem = check_command_line(line, self.cfg_max_cmd)
+                if problem is LineError.TOO_LONG:
+                    self._reject("line_too_long")
+                    await self.push("500 5.5.2 Line too long")
+                    continue
+                if problem is LineError.BARE_NEWLINE:
+                    self._reject("bare_newline")
+                    await self.push("500 5.5.2 Command lines must end with CRLF; bare CR or LF refused")
+                    continue
+                await self._dispatch(line[:-2])
+            except asyncio.CancelledError:
+                self._writer.close()
+                raise
+            except (ConnectionError, OSError):
+                break
+            except Exception as exc:  # a bug must not kill the listener
+                log_event("internal_error", logging.ERROR, sid=self.sid, error=repr(exc))
+                log.debug("internal error", exc_info=True)
+                await self._close_with("421 4.3.0 Internal error, closing connection", "internal_error")
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _discard_long_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+
+    async def _dispatch(self, line: bytes) -> None:
+        if not line:
+            await self.push("500 5.5.2 Empty command")
+            return
+        if b"\x00" in line:
+            self._reject("nul_byte")
+            await self.push("500 5.5.2 NUL byte in command refused")
+            return
+        verb_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            verb = verb_bytes.decode("ascii").upper()
+            arg = arg_bytes.decode("utf-8").strip() or None
+        except UnicodeDecodeError:
+            self._reject("bad_utf8")
+            await self.push("501 5.5.4 Command is not valid UTF-8")
+            return
+        method = self._smtp_methods.get(verb) if verb.isalpha() else None
+        if method is None:
+            await self.push("502 5.5.1 Command not recognized")
+            return
+        self._reset_timeout()
+        try:
+            await method(arg)
+        except SmtpReply as reply:
+            if reply.close:
+                await self._close_with(reply.line(), "policy")
+            else:
+                await self.push(reply.line())
+
+    # ---- commands we own ------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        self.resolutions = []
+        self.session.extended_smtp = True  # type: ignore[union-attr]
+        self.session.host_name = hostname  # type: ignore[union-attr]
+        caps = ["PIPELINING", f"SIZE {self.cfg_max_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if not self.tls_active:
+            caps.append("STARTTLS")
+        else:
+            caps.append("AUTH PLAIN LOGIN")
+        lines = [f"250-{self.hostname}"] + [f"250-{c}" for c in caps[:-1]] + [f"250 {caps[-1]}"]
+        self._writer.write("".join(line + "\r\n" for line in lines).encode())
+        await self._writer.drain()
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if self.tls_active:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.push("214 2.0.0 See RFC 5321")
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        # Never confirm or deny addresses to anonymous clients (harvesting).
+        await self.push("252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def _set_rset_state(self) -> None:
+        super()._set_rset_state()
+        self.resolutions = []
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # Plain <local@domain> addresses skip the (slow) stdlib header parser.
+        simple = _SIMPLE_PATH.match(arg)
+        if simple:
+            return simple.group(1) or "<>", simple.group(2) or ""
+        # The stdlib header parser can raise IndexError and friends on hostile input.
+        try:
+            return super()._getaddr(arg)
+        except Exception:
+            return None, None
+
+    # ---- MAIL / RCPT policy (called from aiosmtpd through _Hooks) ----------
+
+    async def on_mail(self, address: str, options: list[str]) -> str:
+        if self.messages >= self.cfg_max_msgs:
+            self._reject("too_many_messages")
+            raise SmtpReply(421, "4.7.0", "Too many messages in this session", close=True)
+        sender = "" if address == "<>" else address
+        if self.session.authenticated:  # type: ignore[union-attr]
+            if not self.owned:
+                self.owned = await self.services.accounts.sender_addresses(self.user or "")
+            try:
+                check_sender(sender, self.owned)
+            except SmtpReply as reply:
+                self._reject("sender_not_owned")
+                log_event("reject", sid=self.sid, ip=self.ip, user=self.user, reason="sender_not_owned", sender=sender)
+                return reply.line()
+        self.envelope.mail_from = address  # type: ignore[union-attr]
+        self.envelope.mail_options.extend(options)  # type: ignore[union-attr]
+        return "250 2.1.0 Sender OK"
+
+    async def on_rcpt(self, address: str) -> str:
+        env = self.envelope
+        assert env is not None
+        if len(env.rcpt_tos) >= self.cfg_max_rcpt:
+            self._reject("too_many_recipients")
+            return "452 4.5.3 Too many recipients"
+        try:
+            res = await check_recipient(
+                self.services.accounts, address, bool(self.session.authenticated), self.cfg_delim  # type: ignore[union-attr]
+            )
+        except SmtpReply as reply:
+            reason = {"5.1.1": "unknown_user", "5.7.1": "relay_denied"}.get(reply.enhanced, "bad_recipient")
+            self._reject(reason)
+            log_event("reject", sid=self.sid, ip=self.ip, reason=reason, rcpt=clean_text(address))
+            return reply.line()
+        env.rcpt_tos.append(address)
+        self.resolutions.append(res)
+        return "250 2.1.5 Recipient OK"
+
+    # ---- DATA --------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        env = self.envelope
+        assert env is not None
+        if not env.mail_from:
+            await self.push("503 5.5.1 Need MAIL command")
+            return
+        if not env.rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._reset_timeout(self.cfg_data_timeout)
+        framer = DataFramer(self.cfg_max_size, self.cfg_data_line)
+        buf = bytearray()
+        end: EndOfData | None = None
+        while end is None:
+            chunk = await self._reader.read(65536)
+            if not chunk:
+                log_event("data_aborted", sid=self.sid, ip=self.ip, received=framer.size)
+                if self.transport is not None:
+                    self.transport.close()
+                return  # nothing was acknowledged, nothing is kept
+            for event in framer.feed(chunk):
+                if isinstance(event, BodyChunk):
+                    buf += event.data
+                else:
+                    end = event
+        if end.leftover:
+            # Commands pipelined after the terminator go back to the command reader.
+            self._reader._buffer[0:0] = end.leftover  # type: ignore[attr-defined]
+        self._reset_timeout()
+        if end.error is not None:
+            await self._refuse_data(end.error)
+            return
+        try:
+            reply = await self._accept(bytes(buf))
+        except SmtpReply as refused:
+            reply = refused.line()
+        self._set_post_data_state()
+        self.resolutions = []
+        await self.push(reply)
+
+    async def _refuse_data(self, error: DataError) -> None:
+        self._reject(error.value)
+        log_event("reject", sid=self.sid, ip=self.ip, reason=error.value)
+        self._set_post_data_state()
+        self.resolutions = []
+        if error is DataError.BARE_NEWLINE:
+            # The client's framing disagrees with ours; nothing after this can be trusted.
+            await self.push("550 5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF")
+            await self._close_with("421 4.7.0 Closing connection after framing error", "bare_newline")
+        elif error is DataError.TOO_BIG:
+            await self.push(f"552 5.3.4 Message exceeds the size limit of {self.cfg_max_size} bytes")
+        else:
+            await self.push(f"554 5.6.0 Message has a line longer than {self.cfg_data_line} bytes")
+
+    async def _accept(self, message: bytes) -> str:
+        """Run the data stage, make the message durable, return the 250 reply."""
+        env = self.envelope
+        assert env is not None
+        sender = "" if env.mail_from == "<>" else (env.mail_from or "")
+        header_block, _ = split_header_block(message)
+        prefix = b""
+        if self.session.authenticated:  # type: ignore[union-attr]
+            try:
+                check_from_header(header_block, self.owned)
+            except SmtpReply as reply:
+                self._reject("from_header")
+                log_event("reject", sid=self.sid, ip=self.ip, user=self.user, reason="from_header", detail=reply.text)
+                raise
+            prefix += ensure_message_id(header_block, self.hostname)
+        qid = new_queue_id()
+        local: dict[str, str] = {}
+        remote: list[str] = []
+        for rcpt, res in zip(env.rcpt_tos, self.resolutions, strict=True):
+            for account in res.local:
+                local.setdefault(account, rcpt)
+            for target in res.remote:
+                if target not in remote:
+                    remote.append(target)
+        ssl_obj = self._ssl_object()
+        tls = (ssl_obj.version(), ssl_obj.cipher()[0], ssl_obj.cipher()[2]) if ssl_obj else None
+        protocol = "ESMTP" + ("S" if tls else "") + ("A" if self.session.authenticated else "")  # type: ignore[union-attr]
+        received = received_header(
+            helo=self.session.host_name or "",  # type: ignore[union-attr]
+            ip=self.ip,
+            hostname=self.hostname,
+            protocol=protocol,
+            queue_id=qid,
+            tls=tls,
+            recipient=env.rcpt_tos[0] if len(env.rcpt_tos) == 1 else None,
+        )
+        data = received + prefix + message
+        envelope = {
+            "sender": sender,
+            "local": [[rcpt, account] for account, rcpt in local.items()],
+            "remote": remote,
+            "ip": self.ip,
+            "user": self.user,
+            "listener": self.role,
+            "time": time.time(),
+        }
+        try:
+            await self.services.spool.append(qid, envelope, data)
+        except SpoolWriteError as exc:
+            log_event("spool_error", logging.ERROR, sid=self.sid, error=str(exc))
+            self._reject("spool_error")
+            raise SmtpReply(451, "4.3.0", "Temporary storage failure, try again later") from None
+        self.services.filer.submit(SpoolRecord(qid, envelope, data))
+        self.messages += 1
+        self.services.metrics.accepted.labels(self.role).inc()
+        log_event(
+            "accepted",
+            sid=self.sid,
+            qid=qid,
+            ip=self.ip,
+            user=self.user,
+            sender=clean_text(sender),
+            rcpts=len(env.rcpt_tos),
+            size=len(data),
+        )
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    # ---- AUTH --------------------------------------------------------------
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = bytes(blob).split(b"\x00")  # type: ignore[arg-type]
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Malformed PLAIN response")
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            return await self._auth_outcome(login, None)
+        return await self._auth_outcome(login, password)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth("Username:")
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._auth_outcome(login, password)  # type: ignore[arg-type]
+
+    async def _auth_outcome(self, login_b: bytes, password_b: bytes | None) -> AuthResult:
+        """Verify; a failure returns handled=False so aiosmtpd sends 535 5.7.8."""
+        login = login_b.decode("utf-8", "replace").strip().lower()
+        ok = False
+        if password_b is not None and len(login) <= 320 and len(password_b) <= 1024:
+            account = await self.services.accounts.get_account(login)
+            ok = await self.services.hashing.verify(
+                account.password_hash if account else None, password_b.decode("utf-8", "replace")
+            )
+        if not ok:
+            self._reject("auth_failed")
+            log_event("auth_fail", logging.WARNING, sid=self.sid, proto="smtp", ip=self.ip, user=clean_text(login))
+            return AuthResult(success=False, handled=False)
+        self.user = login
+        self.owned = set()
+        log_event("auth_ok", sid=self.sid, proto="smtp", ip=self.ip, user=login)
+        return AuthResult(success=True, handled=False, auth_data=login)

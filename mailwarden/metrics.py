@@ -1,0 +1,46 @@
+"""Prometheus metrics, one registry per server so tests can run several."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import start_http_server
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.connections = Counter(
+            "mailwarden_smtp_connections", "SMTP connections opened", ["listener"], registry=self.registry
+        )
+        self.accepted = Counter(
+            "mailwarden_messages_accepted", "Messages acknowledged with 250", ["listener"], registry=self.registry
+        )
+        self.rejected = Counter(
+            "mailwarden_messages_rejected",
+            "Commands or messages refused, by reason",
+            ["listener", "reason"],
+            registry=self.registry,
+        )
+        self.queue_size = Gauge(
+            "mailwarden_queue_size", "Recipients waiting in the outbound queue", registry=self.registry
+        )
+        self.spool_outstanding = Gauge(
+            "mailwarden_spool_outstanding", "Accepted messages not yet filed", registry=self.registry
+        )
+        self.fsync_batch = Histogram(
+            "mailwarden_fsync_batch_size",
+            "Messages made durable by one spool fsync",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self._server = None
+
+    def serve(self, host: str, port: int) -> int:
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,92 @@
+"""Rules for authenticated submission (RFC 6409).
+
+A user may send only as addresses they own: their account and the aliases
+that deliver to it, in MAIL FROM and in the header From. The message must
+have exactly one From header with exactly one address (RFC 5322 §3.6 allows
+more, but mail with several authors is a spoofing vector, and DMARC cannot
+evaluate it).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import secrets
+import time
+
+from mailwarden.protocol.smtp_reply import SmtpReply
+
+_HEADER_LIMIT = 256 * 1024
+
+
+def split_header_block(message: bytes) -> tuple[bytes, bytes]:
+    """(header block including the blank line, body). No blank line: all header."""
+    end = message.find(b"\r\n\r\n", 0, _HEADER_LIMIT)
+    if end < 0:
+        if message.startswith(b"\r\n"):
+            return b"\r\n", message[2:]
+        return message, b""
+    return message[: end + 4], message[end + 4 :]
+
+
+def header_values(header_block: bytes, name: bytes) -> list[bytes]:
+    """Raw values of every header called `name`, unfolded."""
+    out: list[bytes] = []
+    lname = name.lower() + b":"
+    current: bytearray | None = None
+    for line in header_block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and current is not None:
+            current += b" " + line.strip()
+            continue
+        if current is not None:
+            out.append(bytes(current))
+            current = None
+        if line.lower().startswith(lname):
+            current = bytearray(line[len(lname) :].strip())
+    if current is not None:
+        out.append(bytes(current))
+    return out
+
+
+def check_sender(mail_from: str, owned: set[str]) -> None:
+    if mail_from.lower() not in owned:
+        raise SmtpReply(553, "5.7.1", "Sender address not owned by the authenticated user")
+
+
+def check_from_header(header_block: bytes, owned: set[str]) -> None:
+    values = header_values(header_block, b"from")
+    if len(values) != 1:
+        raise SmtpReply(550, "5.7.1", "Message must have exactly one From header")
+    try:
+        text = values[0].decode("utf-8")
+        addresses = _parse_addresses(text)
+    except (UnicodeDecodeError, ValueError, IndexError):
+        raise SmtpReply(550, "5.7.1", "From header cannot be parsed") from None
+    addresses = [(n, a) for n, a in addresses if a]
+    if len(addresses) != 1 or "@" not in addresses[0][1]:
+        raise SmtpReply(550, "5.7.1", "From header must hold exactly one address")
+    if addresses[0][1].lower() not in owned:
+        raise SmtpReply(550, "5.7.1", "From header address not owned by the authenticated user")
+
+
+def _parse_addresses(text: str) -> list[tuple[str, str]]:
+    """getaddresses, strict where this Python supports it (CVE-2023-27043)."""
+    try:
+        return email.utils.getaddresses([text], strict=True)  # type: ignore[call-arg]
+    except TypeError:
+        # Older Pythons parse "a@x.test"@evil.test leniently; refuse anything quoted
+        # with an @ inside, which is what the strict parser refuses.
+        if re.search(r'"[^"]*@[^"]*"\s*@', text):
+            raise ValueError("ambiguous address") from None
+        return email.utils.getaddresses([text])
+
+
+_MSGID_RE = re.compile(rb"^message-id\s*:", re.IGNORECASE | re.MULTILINE)
+
+
+def ensure_message_id(header_block: bytes, hostname: str) -> bytes:
+    """A Message-ID header line to prepend, or b'' if the message has one."""
+    if _MSGID_RE.search(header_block):
+        return b""
+    ident = f"{int(time.time())}.{secrets.token_hex(8)}@{hostname}"
+    return f"Message-ID: <{ident}>\r\n".encode()

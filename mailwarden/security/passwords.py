@@ -1,0 +1,72 @@
+"""Password hashing (argon2id) with bounded concurrency, and the password policy.
+
+Each argon2id hash costs tens of MiB and hundreds of ms by design, so a burst
+of AUTH attempts could exhaust memory or stall the event loop. Hashes run in
+worker threads and a semaphore bounds how many run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from importlib import resources
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+
+class PasswordPolicyError(Exception):
+    """The password breaks the policy; the message says which rule."""
+
+
+@functools.cache
+def common_passwords() -> frozenset[str]:
+    text = resources.files(__package__).joinpath("common_passwords.txt").read_text()
+    return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def check_policy(password: str, address: str, min_length: int) -> None:
+    """Raise PasswordPolicyError unless `password` may be set for `address`."""
+    if len(password) < min_length:
+        raise PasswordPolicyError(f"password must be at least {min_length} characters")
+    if len(password) > 1024:
+        raise PasswordPolicyError("password must be at most 1024 characters")
+    lowered = password.lower()
+    local, _, domain = address.lower().partition("@")
+    if local and local in lowered:
+        raise PasswordPolicyError("password must not contain the user name")
+    for label in (domain, domain.split(".")[0] if domain else ""):
+        if len(label) >= 4 and label in lowered:
+            raise PasswordPolicyError("password must not contain the domain name")
+    common = common_passwords()
+    stripped = lowered.rstrip("0123456789!@#$%^&*.?-_ ")
+    if lowered in common or (len(stripped) >= 6 and stripped in common):
+        raise PasswordPolicyError("password is on the list of commonly used passwords")
+
+
+class PasswordHashing:
+    """argon2id hashing and verification, at most `concurrency` at once."""
+
+    def __init__(self, concurrency: int, time_cost: int, memory_kib: int) -> None:
+        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1, type=Type.ID)
+        self._slots = asyncio.Semaphore(concurrency)
+        # A hash to verify against when the user does not exist, so a missing
+        # account costs the same time as a wrong password.
+        self._dummy = self._hasher.hash("mailwarden-no-such-user")
+
+    def hash_sync(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    async def hash(self, password: str) -> str:
+        async with self._slots:
+            return await asyncio.to_thread(self._hasher.hash, password)
+
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        async with self._slots:
+            return await asyncio.to_thread(self._verify_sync, stored_hash, password)
+
+    def _verify_sync(self, stored_hash: str | None, password: str) -> bool:
+        try:
+            return self._hasher.verify(stored_hash or self._dummy, password) and stored_hash is not None
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False

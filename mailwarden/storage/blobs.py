@@ -1,0 +1,55 @@
+"""Message bodies as files.
+
+Writes go to a temporary name and are renamed into place, so a reader never
+sees half a message and a crash never leaves one behind. They are not
+fsync'd one by one: the spool journal keeps every accepted message until a
+checkpoint has flushed the files written from it (see storage/spool.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+class FileBlobs:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._made: set[Path] = set()
+
+    def _path(self, name: str) -> Path:
+        if not _SAFE_NAME.match(name) or ".." in name.split("/"):
+            raise ValueError(f"unsafe blob name {name!r}")
+        return self.root / name
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write a body. New names are created exclusively (callers publish them
+        only afterwards, by committing the row that points at them); an existing
+        name is replaced atomically."""
+        path = self._path(name)
+        parent = path.parent
+        if parent not in self._made:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(parent)
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+            return
+        except FileExistsError:
+            pass
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def read(self, name: str) -> bytes:
+        return self._path(name).read_bytes()
+
+    def delete(self, name: str) -> None:
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:
+            pass

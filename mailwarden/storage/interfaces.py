@@ -1,0 +1,148 @@
+"""The storage contracts the rest of the server codes against.
+
+Endpoints and the pipeline receive these Protocols and never import a
+backend, so the SQLite/files implementation can be swapped for PostgreSQL
+(and encryption at rest can wrap `Blobs`) without touching protocol code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+SPECIAL_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None),
+    ("Sent", "\\Sent"),
+    ("Drafts", "\\Drafts"),
+    ("Junk", "\\Junk"),
+    ("Trash", "\\Trash"),
+    ("Archive", "\\Archive"),
+)
+
+
+class StorageError(Exception):
+    """A request the store refuses (unknown domain, duplicate user, ...)."""
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    address: str
+    password_hash: str
+
+
+@dataclass(frozen=True)
+class MailboxInfo:
+    id: int
+    name: str
+    special_use: str | None
+    uidvalidity: int
+    uidnext: int
+    messages: int
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    uid: int
+    size: int
+    internal_date: float
+    flags: tuple[str, ...]
+    from_: str
+    subject: str
+    date: str
+    blob: str
+    queue_id: str
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    queue_id: str
+    sender: str
+    recipient: str
+    status: str
+    attempts: int
+    created: float
+    next_attempt: float
+    last_error: str
+    size: int
+    blob: str
+
+
+@dataclass
+class LocalDelivery:
+    """One message for one local account, as the spool hands it over."""
+
+    queue_id: str
+    recipient: str  # the envelope address the sender used
+    account_address: str  # the account it resolved to
+    mailbox: str = "INBOX"
+    flags: tuple[str, ...] = ()
+
+
+@dataclass
+class RemoteDelivery:
+    queue_id: str
+    sender: str
+    recipient: str
+
+
+@dataclass
+class DeliveryBatch:
+    """Messages made durable by the spool, to be filed in one transaction."""
+
+    local: list[tuple[LocalDelivery, bytes]] = field(default_factory=list)
+    remote: list[tuple[RemoteDelivery, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a recipient address means here.
+
+    kind is "hosted" (a domain we serve, with at least one target), "unknown"
+    (a domain we serve, but no such user or alias) or "relay" (a domain we
+    do not serve). `local` are account addresses; `remote` are addresses
+    elsewhere (the relay target itself, or where an alias forwards).
+    """
+
+    kind: str
+    local: tuple[str, ...] = ()
+    remote: tuple[str, ...] = ()
+
+
+class Accounts(Protocol):
+    async def add_domain(self, name: str) -> None: ...
+    async def list_domains(self) -> list[str]: ...
+    async def is_local_domain(self, name: str) -> bool: ...
+    async def add_account(self, address: str, password_hash: str) -> None: ...
+    async def delete_account(self, address: str) -> None: ...
+    async def list_accounts(self) -> list[str]: ...
+    async def get_account(self, address: str) -> Account | None: ...
+    async def set_password(self, address: str, password_hash: str) -> None: ...
+    async def add_alias(self, source: str, target: str) -> None: ...
+    async def delete_alias(self, source: str, target: str | None) -> int: ...
+    async def list_aliases(self) -> list[tuple[str, str]]: ...
+    async def resolve(self, address: str, delimiter: str) -> Resolution: ...
+    async def sender_addresses(self, account: str) -> set[str]: ...
+
+
+class Mailboxes(Protocol):
+    async def list_mailboxes(self, account: str) -> list[MailboxInfo]: ...
+    async def list_messages(self, account: str, mailbox: str) -> list[MessageInfo]: ...
+    async def read_message(self, account: str, mailbox: str, uid: int) -> bytes: ...
+
+
+class Queue(Protocol):
+    async def list_queue(self) -> list[QueueEntry]: ...
+    async def delete_queued(self, queue_id: str) -> int: ...
+
+
+class Delivery(Protocol):
+    async def deliver(self, batch: DeliveryBatch) -> None:
+        """File a batch idempotently: a (queue id, recipient) pair is filed once."""
+        ...
+
+
+class Blobs(Protocol):
+    def write(self, name: str, data: bytes) -> None: ...
+    def read(self, name: str) -> bytes: ...
+    def delete(self, name: str) -> None: ...

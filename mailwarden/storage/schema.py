@@ -1,0 +1,101 @@
+"""Tables, in SQLAlchemy Core so the same definitions serve SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+schema_version = Table("schema_version", metadata, Column("version", Integer, nullable=False))
+
+# Bumped by every change to domains, accounts or aliases, so each process
+# knows when to reload its in-memory Directory (storage/directory.py).
+directory_serial = Table("directory_serial", metadata, Column("serial", Integer, nullable=False))
+
+domains = Table(
+    "domains",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(253), nullable=False, unique=True),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(320), nullable=False, unique=True),
+    Column("domain_id", Integer, ForeignKey("domains.id"), nullable=False),
+    Column("password_hash", Text, nullable=False),
+    Column("created", Float, nullable=False),
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # "user@domain" or "@domain" (catch-all: exists only if an admin adds it)
+    Column("source", String(320), nullable=False, index=True),
+    Column("target", String(320), nullable=False),
+    UniqueConstraint("source", "target"),
+)
+
+mailboxes = Table(
+    "mailboxes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account_id", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("special_use", String(32)),
+    Column("uidvalidity", Integer, nullable=False),
+    Column("uidnext", Integer, nullable=False),
+    UniqueConstraint("account_id", "name"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailbox_id", Integer, ForeignKey("mailboxes.id", ondelete="CASCADE"), nullable=False),
+    Column("account_id", Integer, nullable=False),
+    Column("uid", Integer, nullable=False),
+    Column("queue_id", String(32), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("internal_date", Float, nullable=False),
+    Column("flags", Text, nullable=False, default=""),
+    Column("from_addr", Text, nullable=False, default=""),
+    Column("subject", Text, nullable=False, default=""),
+    Column("date_hdr", Text, nullable=False, default=""),
+    Column("blob", Text, nullable=False),
+    UniqueConstraint("mailbox_id", "uid"),
+    # The idempotency key: replaying the spool after a crash files nothing twice.
+    UniqueConstraint("queue_id", "account_id"),
+)
+
+queue = Table(
+    "queue",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("queue_id", String(32), nullable=False, index=True),
+    Column("sender", String(320), nullable=False),
+    Column("recipient", String(320), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created", Float, nullable=False),
+    Column("next_attempt", Float, nullable=False),
+    Column("last_error", Text, nullable=False, default=""),
+    Column("size", Integer, nullable=False),
+    Column("blob", Text, nullable=False),
+    UniqueConstraint("queue_id", "recipient"),
+)

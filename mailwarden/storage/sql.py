@@ -1,0 +1,500 @@
+"""Accounts, mailboxes and the outbound queue in SQL (SQLite by default).
+
+Tables are SQLAlchemy Core (storage/schema.py), so PostgreSQL can replace
+SQLite without touching callers. Statements run on one dedicated database
+thread: SQLite allows one writer, and a single thread keeps the event loop
+free without paying an event-loop hop per statement (SQLAlchemy's asyncio
+layer over aiosqlite cost ~1 ms of CPU per query here; see
+docs/performance.md). Hot-path lookups (RCPT, AUTH) read an in-memory
+`Directory` snapshot instead of the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, update
+
+from mailwarden.storage import schema as t
+from mailwarden.storage.blobs import FileBlobs
+from mailwarden.storage.directory import Directory, split_address
+from mailwarden.storage.interfaces import (
+    SPECIAL_MAILBOXES,
+    Account,
+    DeliveryBatch,
+    MailboxInfo,
+    MessageInfo,
+    QueueEntry,
+    Resolution,
+    StorageError,
+)
+
+_HEADER_SCAN_LIMIT = 64 * 1024
+T = TypeVar("T")
+
+
+def normalize_address(address: str) -> str:
+    """Lower-case the whole address: local parts are matched case-insensitively here."""
+    return address.strip().lower()
+
+
+def header_summary(data: bytes) -> tuple[str, str, str]:
+    """From, Subject and Date for listings; hostile headers yield empty strings."""
+    end = data.find(b"\r\n\r\n", 0, _HEADER_SCAN_LIMIT)
+    head = data[: end + 2 if end >= 0 else _HEADER_SCAN_LIMIT]
+    try:
+        msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+        return (_flat(msg.get("From", "")), _flat(msg.get("Subject", "")), _flat(msg.get("Date", "")))
+    except Exception:  # the stdlib parser raises odd errors (IndexError...) on hostile input
+        return ("", "", "")
+
+
+def _flat(value: Any) -> str:
+    return " ".join(str(value).split())[:500]
+
+
+class SqlStore:
+    """Implements Accounts, Mailboxes, Queue and Delivery (storage/interfaces.py)."""
+
+    def __init__(self, engine: Engine, blobs: FileBlobs) -> None:
+        self.engine = engine
+        self.blobs = blobs
+        self._db = ThreadPoolExecutor(1, thread_name_prefix="db")
+        self._directory: Directory | None = None
+        self._serial_conn: Any = None
+
+    @classmethod
+    async def open_sqlite(cls, db_path: Path, blob_root: Path) -> SqlStore:
+        engine = create_engine(f"sqlite:///{db_path}", connect_args={"check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        store = cls(engine, FileBlobs(blob_root))
+        await store._run(store._create_schema)
+        return store
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) in one transaction on the database thread."""
+
+        def work() -> T:
+            with self.engine.begin() as conn:
+                return fn(conn, *args)
+
+        return await self._run(work)
+
+    def _create_schema(self) -> None:
+        with self.engine.begin() as conn:
+            t.metadata.create_all(conn)
+            version = conn.execute(select(t.schema_version.c.version)).scalar()
+            if version is None:
+                conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION))
+            elif version > t.SCHEMA_VERSION:
+                raise StorageError(f"database schema {version} is newer than this Mailwarden ({t.SCHEMA_VERSION})")
+            if conn.execute(select(t.directory_serial.c.serial)).first() is None:
+                conn.execute(insert(t.directory_serial).values(serial=1))
+
+    async def close(self) -> None:
+        if self._serial_conn is not None:
+            self._serial_conn.close()
+        await self._run(self.engine.dispose)
+        self._db.shutdown(wait=True)
+
+    # ---- the directory snapshot ----------------------------------------
+
+    def directory(self) -> Directory:
+        """The current snapshot; one indexed read to learn whether it is stale."""
+        if self._serial_conn is None:
+            self._serial_conn = self.engine.raw_connection()
+        cur = self._serial_conn.cursor()
+        try:
+            cur.execute("SELECT serial FROM directory_serial")
+            serial = cur.fetchone()[0]
+        finally:
+            cur.close()
+        self._serial_conn.commit()  # end the read transaction so the next read sees new commits
+        if self._directory is None or self._directory.serial != serial:
+            with self.engine.connect() as conn:
+                self._directory = Directory.build(
+                    serial,
+                    (r[0] for r in conn.execute(select(t.domains.c.name))),
+                    (
+                        Account(*r)
+                        for r in conn.execute(
+                            select(t.accounts.c.id, t.accounts.c.address, t.accounts.c.password_hash)
+                        )
+                    ),
+                    ((r[0], r[1]) for r in conn.execute(select(t.aliases.c.source, t.aliases.c.target))),
+                )
+        return self._directory
+
+    @staticmethod
+    def _bump(conn: Connection) -> None:
+        conn.execute(update(t.directory_serial).values(serial=t.directory_serial.c.serial + 1))
+
+    # ---- Accounts -------------------------------------------------------
+
+    @staticmethod
+    def _domain_id(conn: Connection, name: str) -> int | None:
+        return conn.execute(select(t.domains.c.id).where(t.domains.c.name == name)).scalar()
+
+    @staticmethod
+    def _account_id(conn: Connection, address: str) -> int | None:
+        return conn.execute(select(t.accounts.c.id).where(t.accounts.c.address == address)).scalar()
+
+    async def add_domain(self, name: str) -> None:
+        name = normalize_address(name).rstrip(".")
+        if not name or "@" in name or "." not in name or " " in name:
+            raise StorageError(f"not a domain name: {name!r}")
+
+        def work(conn: Connection) -> None:
+            if self._domain_id(conn, name) is not None:
+                raise StorageError(f"domain {name} already exists")
+            conn.execute(insert(t.domains).values(name=name))
+            self._bump(conn)
+
+        await self._tx(work)
+
+    async def list_domains(self) -> list[str]:
+        return sorted(self.directory().domains)
+
+    async def is_local_domain(self, name: str) -> bool:
+        return normalize_address(name) in self.directory().domains
+
+    async def add_account(self, address: str, password_hash: str) -> None:
+        address = normalize_address(address)
+        _, domain = split_address(address)
+
+        def work(conn: Connection) -> None:
+            domain_id = self._domain_id(conn, domain)
+            if domain_id is None:
+                raise StorageError(f"domain {domain} is not hosted here; add it with `domain add`")
+            if self._account_id(conn, address) is not None:
+                raise StorageError(f"user {address} already exists")
+            if conn.execute(select(t.aliases.c.id).where(t.aliases.c.source == address)).first():
+                raise StorageError(f"{address} is an alias; delete the alias first")
+            res = conn.execute(
+                insert(t.accounts).values(
+                    address=address, domain_id=domain_id, password_hash=password_hash, created=time.time()
+                )
+            )
+            account_id = res.inserted_primary_key[0]
+            uidvalidity = int(time.time())
+            conn.execute(
+                insert(t.mailboxes),
+                [
+                    {
+                        "account_id": account_id,
+                        "name": name,
+                        "special_use": special,
+                        "uidvalidity": uidvalidity,
+                        "uidnext": 1,
+                    }
+                    for name, special in SPECIAL_MAILBOXES
+                ],
+            )
+            self._bump(conn)
+
+        await self._tx(work)
+
+    async def delete_account(self, address: str) -> None:
+        address = normalize_address(address)
+
+        def work(conn: Connection) -> list[str]:
+            account_id = self._account_id(conn, address)
+            if account_id is None:
+                raise StorageError(f"no such user {address}")
+            blobs = [r[0] for r in conn.execute(select(t.messages.c.blob).where(t.messages.c.account_id == account_id))]
+            conn.execute(delete(t.messages).where(t.messages.c.account_id == account_id))
+            conn.execute(delete(t.mailboxes).where(t.mailboxes.c.account_id == account_id))
+            conn.execute(delete(t.accounts).where(t.accounts.c.id == account_id))
+            self._bump(conn)
+            return blobs
+
+        for name in await self._tx(work):
+            self.blobs.delete(name)
+
+    async def list_accounts(self) -> list[str]:
+        return sorted(self.directory().accounts)
+
+    async def get_account(self, address: str) -> Account | None:
+        return self.directory().accounts.get(normalize_address(address))
+
+    async def set_password(self, address: str, password_hash: str) -> None:
+        address = normalize_address(address)
+
+        def work(conn: Connection) -> None:
+            res = conn.execute(
+                update(t.accounts).where(t.accounts.c.address == address).values(password_hash=password_hash)
+            )
+            if res.rowcount == 0:
+                raise StorageError(f"no such user {address}")
+            self._bump(conn)
+
+        await self._tx(work)
+
+    async def add_alias(self, source: str, target: str) -> None:
+        source, target = normalize_address(source), normalize_address(target)
+        local, at, domain = source.rpartition("@")
+        split_address(target)
+
+        def work(conn: Connection) -> None:
+            if not at or self._domain_id(conn, domain) is None:
+                raise StorageError(f"alias source {source} must be in a hosted domain")
+            if local and self._account_id(conn, source) is not None:
+                raise StorageError(f"{source} is a user; an alias cannot shadow it")
+            if conn.execute(
+                select(t.aliases.c.id).where(t.aliases.c.source == source, t.aliases.c.target == target)
+            ).first():
+                raise StorageError(f"alias {source} -> {target} already exists")
+            conn.execute(insert(t.aliases).values(source=source, target=target))
+            self._bump(conn)
+
+        await self._tx(work)
+
+    async def delete_alias(self, source: str, target: str | None) -> int:
+        cond = t.aliases.c.source == normalize_address(source)
+        if target:
+            cond = cond & (t.aliases.c.target == normalize_address(target))
+
+        def work(conn: Connection) -> int:
+            n = conn.execute(delete(t.aliases).where(cond)).rowcount
+            self._bump(conn)
+            return n
+
+        return await self._tx(work)
+
+    async def list_aliases(self) -> list[tuple[str, str]]:
+        d = self.directory()
+        return sorted((s, tg) for s, targets in d.aliases.items() for tg in targets)
+
+    async def resolve(self, address: str, delimiter: str) -> Resolution:
+        return self.directory().resolve(address, delimiter)
+
+    async def sender_addresses(self, account: str) -> set[str]:
+        return self.directory().sender_addresses(account)
+
+    # ---- Mailboxes ------------------------------------------------------
+
+    @staticmethod
+    def _mailbox_row(conn: Connection, account: str, mailbox: str) -> Any:
+        row = conn.execute(
+            select(t.mailboxes)
+            .join(t.accounts, t.accounts.c.id == t.mailboxes.c.account_id)
+            .where(t.accounts.c.address == normalize_address(account), t.mailboxes.c.name == mailbox)
+        ).first()
+        if row is None:
+            raise StorageError(f"no mailbox {mailbox!r} for {account}")
+        return row
+
+    async def list_mailboxes(self, account: str) -> list[MailboxInfo]:
+        def work(conn: Connection) -> list[MailboxInfo]:
+            account_id = self._account_id(conn, normalize_address(account))
+            if account_id is None:
+                raise StorageError(f"no such user {account}")
+            counts = (
+                select(t.messages.c.mailbox_id, func.count().label("n")).group_by(t.messages.c.mailbox_id).subquery()
+            )
+            rows = conn.execute(
+                select(t.mailboxes, func.coalesce(counts.c.n, 0))
+                .outerjoin(counts, counts.c.mailbox_id == t.mailboxes.c.id)
+                .where(t.mailboxes.c.account_id == account_id)
+                .order_by(t.mailboxes.c.id)
+            )
+            return [MailboxInfo(r.id, r.name, r.special_use, r.uidvalidity, r.uidnext, r[-1]) for r in rows]
+
+        return await self._tx(work)
+
+    async def list_messages(self, account: str, mailbox: str) -> list[MessageInfo]:
+        def work(conn: Connection) -> list[MessageInfo]:
+            box = self._mailbox_row(conn, account, mailbox)
+            rows = conn.execute(
+                select(t.messages).where(t.messages.c.mailbox_id == box.id).order_by(t.messages.c.uid)
+            )
+            return [
+                MessageInfo(
+                    r.uid,
+                    r.size,
+                    r.internal_date,
+                    tuple(r.flags.split()),
+                    r.from_addr,
+                    r.subject,
+                    r.date_hdr,
+                    r.blob,
+                    r.queue_id,
+                )
+                for r in rows
+            ]
+
+        return await self._tx(work)
+
+    async def read_message(self, account: str, mailbox: str, uid: int) -> bytes:
+        def work(conn: Connection) -> str | None:
+            box = self._mailbox_row(conn, account, mailbox)
+            return conn.execute(
+                select(t.messages.c.blob).where(t.messages.c.mailbox_id == box.id, t.messages.c.uid == uid)
+            ).scalar()
+
+        blob = await self._tx(work)
+        if blob is None:
+            raise StorageError(f"no message with UID {uid} in {mailbox}")
+        return self.blobs.read(blob)
+
+    # ---- Delivery -------------------------------------------------------
+
+    async def deliver(self, batch: DeliveryBatch) -> None:
+        await self._tx(self._deliver, batch)
+
+    def _deliver(self, conn: Connection, batch: DeliveryBatch) -> None:
+        """File a batch in one transaction; (queue id, account) is filed once.
+
+        Re-running a batch (spool replay after a crash) rewrites bodies that
+        are already filed, in case the crash lost an unflushed file, and
+        inserts nothing twice. Bodies are written before the transaction
+        commits, so a committed row never points at a missing file.
+        """
+        now = time.time()
+        if batch.local:
+            accounts = {item.account_address for item, _ in batch.local}
+            boxes = {
+                (r.address, r.name): r
+                for r in conn.execute(
+                    select(t.mailboxes, t.accounts.c.address)
+                    .join(t.accounts, t.accounts.c.id == t.mailboxes.c.account_id)
+                    .where(
+                        t.accounts.c.address.in_(accounts),
+                        t.mailboxes.c.name.in_({item.mailbox for item, _ in batch.local}),
+                    )
+                )
+            }
+            qids = {item.queue_id for item, _ in batch.local}
+            filed = {
+                (r.queue_id, r.account_id): r.blob
+                for r in conn.execute(
+                    select(t.messages.c.queue_id, t.messages.c.account_id, t.messages.c.blob).where(
+                        t.messages.c.queue_id.in_(qids)
+                    )
+                )
+            }
+            uidnext: dict[int, int] = {}
+            rows: list[dict[str, Any]] = []
+            for item, data in batch.local:
+                box = boxes.get((item.account_address, item.mailbox))
+                if box is None:
+                    continue  # the account was deleted after the message was accepted
+                key = (item.queue_id, box.account_id)
+                if key in filed:
+                    self.blobs.write(filed[key], data)
+                    continue
+                uid = uidnext.get(box.id, box.uidnext)
+                uidnext[box.id] = uid + 1
+                blob = f"mbox/{box.account_id}/{box.id}/{uid}.eml"
+                from_, subject, date = header_summary(data)
+                self.blobs.write(blob, data)
+                filed[key] = blob
+                rows.append(
+                    {
+                        "mailbox_id": box.id,
+                        "account_id": box.account_id,
+                        "uid": uid,
+                        "queue_id": item.queue_id,
+                        "size": len(data),
+                        "internal_date": now,
+                        "flags": " ".join(item.flags),
+                        "from_addr": from_,
+                        "subject": subject,
+                        "date_hdr": date,
+                        "blob": blob,
+                    }
+                )
+            if rows:
+                conn.execute(insert(t.messages), rows)
+            for box_id, nxt in uidnext.items():
+                conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == box_id).values(uidnext=nxt))
+        if batch.remote:
+            qids = {item.queue_id for item, _ in batch.remote}
+            queued = {
+                (r.queue_id, r.recipient)
+                for r in conn.execute(
+                    select(t.queue.c.queue_id, t.queue.c.recipient).where(t.queue.c.queue_id.in_(qids))
+                )
+            }
+            rows = []
+            written: set[str] = set()
+            for item, data in batch.remote:
+                blob = f"queue/{item.queue_id}.eml"
+                if blob not in written:
+                    self.blobs.write(blob, data)
+                    written.add(blob)
+                if (item.queue_id, item.recipient) in queued:
+                    continue
+                queued.add((item.queue_id, item.recipient))
+                rows.append(
+                    {
+                        "queue_id": item.queue_id,
+                        "sender": item.sender,
+                        "recipient": item.recipient,
+                        "status": "queued",
+                        "attempts": 0,
+                        "created": now,
+                        "next_attempt": now,
+                        "last_error": "",
+                        "size": len(data),
+                        "blob": blob,
+                    }
+                )
+            if rows:
+                conn.execute(insert(t.queue), rows)
+
+    # ---- Queue ----------------------------------------------------------
+
+    async def list_queue(self) -> list[QueueEntry]:
+        def work(conn: Connection) -> list[QueueEntry]:
+            rows = conn.execute(select(t.queue).order_by(t.queue.c.created, t.queue.c.id))
+            return [
+                QueueEntry(
+                    r.queue_id,
+                    r.sender,
+                    r.recipient,
+                    r.status,
+                    r.attempts,
+                    r.created,
+                    r.next_attempt,
+                    r.last_error,
+                    r.size,
+                    r.blob,
+                )
+                for r in rows
+            ]
+
+        return await self._tx(work)
+
+    async def queue_size(self) -> int:
+        return await self._tx(lambda conn: conn.execute(select(func.count()).select_from(t.queue)).scalar() or 0)
+
+    async def delete_queued(self, queue_id: str) -> int:
+        def work(conn: Connection) -> tuple[int, set[str]]:
+            blobs = {r[0] for r in conn.execute(select(t.queue.c.blob).where(t.queue.c.queue_id == queue_id))}
+            n = conn.execute(delete(t.queue).where(t.queue.c.queue_id == queue_id)).rowcount
+            return n, blobs
+
+        n, blobs = await self._tx(work)
+        for name in blobs:
+            self.blobs.delete(name)
+        return n

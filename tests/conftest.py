@@ -1,0 +1,294 @@
+"""Shared fixtures: real TLS certificates (trustme), a real DNS server (dnslib),
+and the real server on random loopback ports.
+
+The in-process server runs on its own event loop in a background thread, so
+tests drive it with ordinary blocking clients (smtplib, swaks, sockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mailwarden import cli
+from mailwarden import config as config_mod
+from mailwarden.server import InstancePaths, Server
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+ALICE_PW = "correct horse battery staple"
+BOB_PW = "tangerine orbit lantern 42"
+
+# Cheap argon2 for tests; production defaults are checked in test_config.py.
+TEST_CONFIG = {
+    "accounts.argon2_memory_kib": 8192,
+    "accounts.argon2_time_cost": 1,
+    "accounts.hash_concurrency": 2,
+}
+
+
+@dataclass
+class TlsMaterial:
+    ca: trustme.CA
+    cert: Path
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", "mail.example.test")
+    d = tmp_path_factory.mktemp("tls")
+    cert.private_key_pem.write_to_path(str(d / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    return TlsMaterial(ca, d / "cert.pem", d / "key.pem")
+
+
+def run_cli(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    """Run the real CLI in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    old_stdin = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdin = old_stdin
+    return code, out.getvalue(), err.getvalue()
+
+
+def set_config(path: Path, values: dict[str, Any]) -> None:
+    """Rewrite config keys in an instance's TOML file (always the full rendered file)."""
+    cfg = config_mod.load(path)
+    merged = dict(cfg.values)
+    merged.update(values)
+    path.write_text(config_mod.render(merged, with_docs=False))
+
+
+def make_instance(root: Path, tls: TlsMaterial, overrides: dict[str, Any] | None = None) -> InstancePaths:
+    code, out, err = run_cli(
+        "--dir", str(root), "init", "--domain", "example.test", "--hostname", "mail.example.test",
+        "--cert", str(tls.cert), "--key", str(tls.key),
+    )  # fmt: skip
+    assert code == 0, err
+    paths = InstancePaths(root)
+    values = {f"listen.{n}": "127.0.0.1:0" for n in ("mx", "submission", "submissions", "metrics")}
+    values.update({f"listen.{n}": "" for n in ("imap", "imaps", "web")})
+    values.update(TEST_CONFIG)
+    values.update(overrides or {})
+    set_config(paths.config, values)
+    for address, password in ((ALICE, ALICE_PW), (BOB, BOB_PW)):
+        code, _, err = run_cli("--dir", str(root), "user", "add", address, "--password-stdin", stdin=password + "\n")
+        assert code == 0, err
+    return paths
+
+
+@dataclass
+class RunningServer:
+    paths: InstancePaths
+    tls: TlsMaterial
+    server: Server
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> str:
+        return str(self.paths.root)
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def wait_filed(self) -> None:
+        """Block until every accepted message has been filed."""
+        self.call(self.server.filer.drained())
+
+    def cli(self, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+        return run_cli("--dir", self.dir, *args, stdin=stdin)
+
+    def inbox(self, address: str, folder: str = "INBOX") -> list[list[str]]:
+        """`mailbox ls` rows (uid, date, from, subject), as a user would read them."""
+        self.wait_filed()
+        code, out, err = self.cli("mailbox", "ls", address, "--folder", folder)
+        assert code == 0, err
+        return [line.split("\t") for line in out.splitlines()[1:]]
+
+    def message(self, address: str, uid: int, folder: str = "INBOX") -> bytes:
+        self.wait_filed()
+        return self.paths.blobs.joinpath(
+            next(m.blob for m in self.call(self.server.store.list_messages(address, folder)) if m.uid == uid)
+        ).read_bytes()
+
+
+def start_server(paths: InstancePaths, tls: TlsMaterial) -> RunningServer:
+    cfg = config_mod.load(paths.config)
+    loop = asyncio.new_event_loop()
+    server = Server(cfg, paths)
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start())
+        except BaseException as exc:
+            failure.append(exc)
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="mailwarden-test-server", daemon=True)
+    thread.start()
+    started.wait(60)
+    if failure:
+        raise failure[0]
+    rs = RunningServer(paths, tls, server, loop, thread)
+    rs.ports = {name: port for name, (_host, port) in server.bound.items()}
+    return rs
+
+
+def stop_server(rs: RunningServer) -> None:
+    asyncio.run_coroutine_threadsafe(rs.server.stop(), rs.loop).result(60)
+    rs.loop.call_soon_threadsafe(rs.loop.stop)
+    rs.thread.join(30)
+
+
+@pytest.fixture
+def instance(tmp_path: Path, tls: TlsMaterial) -> InstancePaths:
+    return make_instance(tmp_path / "instance", tls)
+
+
+@pytest.fixture
+def server(instance: InstancePaths, tls: TlsMaterial) -> Iterator[RunningServer]:
+    rs = start_server(instance, tls)
+    yield rs
+    stop_server(rs)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, tls: TlsMaterial) -> Iterator[Any]:
+    """Start a server with config overrides: server_factory({"smtp.max_recipients": 3})."""
+    running: list[RunningServer] = []
+
+    def make(overrides: dict[str, Any]) -> RunningServer:
+        paths = make_instance(tmp_path / f"instance{len(running)}", tls, overrides)
+        rs = start_server(paths, tls)
+        running.append(rs)
+        return rs
+
+    yield make
+    for rs in running:
+        stop_server(rs)
+
+
+# ---- real processes -------------------------------------------------------------
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[str]
+    ports: dict[str, int]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(30)
+
+
+def spawn_serve(root: Path) -> ServeProcess:
+    """`mailwarden serve` as a real subprocess; returns once it printed event=ready."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailwarden", "--dir", str(root), "serve"],
+        stdout=subprocess.PIPE,
+        stderr=open(root / "serve.log", "a"),  # noqa: SIM115
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("event=ready"):
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}; log: {(root / 'serve.log').read_text()[-2000:]}")
+    ports = {}
+    for part in line.split()[1:]:
+        name, _, addr = part.partition("=")
+        ports[name] = int(addr.rpartition(":")[2])
+    return ServeProcess(proc, ports)
+
+
+# ---- DNS ------------------------------------------------------------------------
+
+
+@dataclass
+class DnsServer:
+    """A real DNS server on 127.0.0.1 serving zones the test declares."""
+
+    host: str
+    port: int
+    records: list[Any]  # dnslib RR objects
+
+    def add(self, zone_text: str) -> None:
+        from dnslib import RR
+
+        self.records.extend(RR.fromZone(zone_text))
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    from dnslib import QTYPE, RCODE
+    from dnslib.server import BaseResolver, DNSServer
+
+    records: list[Any] = []
+
+    class ZoneResolver(BaseResolver):
+        def resolve(self, request: Any, handler: Any) -> Any:
+            reply = request.reply()
+            qname, qtype = request.q.qname, request.q.qtype
+            known = False
+            for rr in records:
+                if rr.rname == qname:
+                    known = True
+                    if rr.rtype == qtype or qtype == QTYPE.ANY or rr.rtype == QTYPE.CNAME:
+                        reply.add_answer(rr)
+            if not known:
+                reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    udp = DNSServer(ZoneResolver(), port=port, address="127.0.0.1")
+    tcp = DNSServer(ZoneResolver(), port=port, address="127.0.0.1", tcp=True)
+    udp.start_thread()
+    tcp.start_thread()
+    try:
+        yield DnsServer("127.0.0.1", port, records)
+    finally:
+        udp.stop()
+        tcp.stop()
