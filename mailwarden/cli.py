@@ -42,7 +42,9 @@ def _default_dir() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--dir", default=argparse.SUPPRESS, help="instance folder (default $MAILWARDEN_DIR or /var/lib/mailwarden)")
+    common.add_argument(
+        "--dir", default=argparse.SUPPRESS, help="instance folder (default $MAILWARDEN_DIR or /var/lib/mailwarden)"
+    )
     p = _Parser(prog="mailwarden", description="Mailwarden mail server", parents=[common])
     p.add_argument("--version", action="version", version=f"mailwarden {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -66,11 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", nargs="?")
     cmd(cfg, "defaults", cmd_config_defaults, "print every key with its default and meaning")
 
-    dom = sub.add_parser("domain", help="hosted domains").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    dom = sub.add_parser("domain", help="hosted domains").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
     cmd(dom, "add", cmd_domain_add, "host a domain").add_argument("domain")
     cmd(dom, "list", cmd_domain_list, "list hosted domains")
 
-    ali = sub.add_parser("alias", help="aliases and catch-alls").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    ali = sub.add_parser("alias", help="aliases and catch-alls").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
     sp = cmd(ali, "add", cmd_alias_add, "add SOURCE -> TARGET (SOURCE @domain is a catch-all)")
     sp.add_argument("source")
     sp.add_argument("target")
@@ -89,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("address")
     sp.add_argument("--password-stdin", action="store_true")
 
-    mbx = sub.add_parser("mailbox", help="read mailboxes").add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    mbx = sub.add_parser("mailbox", help="read mailboxes").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
     sp = cmd(mbx, "ls", cmd_mailbox_ls, "list messages: uid, date, from, subject")
     sp.add_argument("address")
     sp.add_argument("--folder", default="INBOX")

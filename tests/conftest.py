@@ -90,7 +90,7 @@ def set_config(path: Path, values: dict[str, Any]) -> None:
 
 
 def make_instance(root: Path, tls: TlsMaterial, overrides: dict[str, Any] | None = None) -> InstancePaths:
-    code, out, err = run_cli(
+    code, _out, err = run_cli(
         "--dir", str(root), "init", "--domain", "example.test", "--hostname", "mail.example.test",
         "--cert", str(tls.cert), "--key", str(tls.key),
     )  # fmt: skip

@@ -59,16 +59,14 @@ def test_465_implicit_tls_auth_login(server: RunningServer) -> None:
 
 
 def test_wrong_password_gets_535_not_a_hang(server: RunningServer) -> None:
-    with submission(server, login=False) as c:
-        with pytest.raises(smtplib.SMTPAuthenticationError) as err:
-            c.login(ALICE, "wrong password entirely")
+    with submission(server, login=False) as c, pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        c.login(ALICE, "wrong password entirely")
     assert (err.value.smtp_code, err.value.smtp_error[:5]) == (535, b"5.7.8")
 
 
 def test_unknown_user_gets_the_same_535(server: RunningServer) -> None:
-    with submission(server, login=False) as c:
-        with pytest.raises(smtplib.SMTPAuthenticationError) as err:
-            c.login("nobody@example.test", ALICE_PW)
+    with submission(server, login=False) as c, pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        c.login("nobody@example.test", ALICE_PW)
     assert err.value.smtp_code == 535
 
 
@@ -105,9 +103,8 @@ def test_cannot_send_as_another_user_in_envelope(server: RunningServer) -> None:
 )
 def test_header_from_must_be_one_owned_address(server: RunningServer, header: str) -> None:
     body = f"{header}\r\nTo: {BOB}\r\nSubject: x\r\n\r\nbody\r\n".encode()
-    with submission(server) as c:
-        with pytest.raises(smtplib.SMTPDataError) as err:
-            c.sendmail(ALICE, [BOB], body)
+    with submission(server) as c, pytest.raises(smtplib.SMTPDataError) as err:
+        c.sendmail(ALICE, [BOB], body)
     assert (err.value.smtp_code, err.value.smtp_error[:5]) == (550, b"5.7.1")
     assert server.inbox(BOB) == []
 
@@ -133,4 +130,3 @@ def test_authenticated_relay_is_queued_for_remote_delivery(server: RunningServer
     assert server.cli("queue", "delete", qid)[0] == 0
     assert server.cli("queue", "list")[1].count("\n") == 1
     assert len(server.inbox(BOB)) == 1  # the local copy was delivered
-

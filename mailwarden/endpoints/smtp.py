@@ -79,10 +79,14 @@ class SmtpServices:
 class _Hooks:
     """aiosmtpd handler hooks for MAIL and RCPT; the server is the session."""
 
-    async def handle_MAIL(self, server: SmtpSession, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: SmtpSession, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         return await server.on_mail(address, options)
 
-    async def handle_RCPT(self, server: SmtpSession, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: SmtpSession, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
         return await server.on_rcpt(address)
 
 
@@ -383,7 +387,10 @@ class SmtpSession(SMTP):
             return "452 4.5.3 Too many recipients"
         try:
             res = await check_recipient(
-                self.services.accounts, address, bool(self.session.authenticated), self.cfg_delim  # type: ignore[union-attr]
+                self.services.accounts,
+                address,
+                bool(self.session.authenticated),
+                self.cfg_delim,  # type: ignore[union-attr]
             )
         except SmtpReply as reply:
             reason = {"5.1.1": "unknown_user", "5.7.1": "relay_denied"}.get(reply.enhanced, "bad_recipient")

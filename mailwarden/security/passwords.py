@@ -38,10 +38,31 @@ def check_policy(password: str, address: str, min_length: int) -> None:
     for label in (domain, domain.split(".")[0] if domain else ""):
         if len(label) >= 4 and label in lowered:
             raise PasswordPolicyError("password must not contain the domain name")
+    if _is_pattern(lowered):
+        raise PasswordPolicyError("password is a keyboard run, sequence or repetition")
     common = common_passwords()
     stripped = lowered.rstrip("0123456789!@#$%^&*.?-_ ")
     if lowered in common or (len(stripped) >= 6 and stripped in common):
         raise PasswordPolicyError("password is on the list of commonly used passwords")
+
+
+_RUNS = (
+    "01234567890123456789",
+    "98765432109876543210",
+    "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz",
+    "qwertyuiopasdfghjklzxcvbnmqwertyuiopasdfghjklzxcvbnm",
+    "qwertzuiopasdfghjklyxcvbnm",
+    "azertyuiopqsdfghjklmwxcvbn",
+    "1qaz2wsx3edc4rfv5tgb6yhn7ujm8ik9ol0p",
+)
+
+
+def _is_pattern(lowered: str) -> bool:
+    """Sequences (123456789012, abcdef...), keyboard runs and repetitions (abcabcabcabc)."""
+    if any(lowered in run for run in _RUNS):
+        return True
+    n = len(lowered)
+    return any(n % k == 0 and lowered == lowered[:k] * (n // k) for k in range(1, n // 2 + 1))
 
 
 class PasswordHashing:

@@ -136,9 +136,7 @@ class SqlStore:
                     (r[0] for r in conn.execute(select(t.domains.c.name))),
                     (
                         Account(*r)
-                        for r in conn.execute(
-                            select(t.accounts.c.id, t.accounts.c.address, t.accounts.c.password_hash)
-                        )
+                        for r in conn.execute(select(t.accounts.c.id, t.accounts.c.address, t.accounts.c.password_hash))
                     ),
                     ((r[0], r[1]) for r in conn.execute(select(t.aliases.c.source, t.aliases.c.target))),
                 )
@@ -324,9 +322,7 @@ class SqlStore:
     async def list_messages(self, account: str, mailbox: str) -> list[MessageInfo]:
         def work(conn: Connection) -> list[MessageInfo]:
             box = self._mailbox_row(conn, account, mailbox)
-            rows = conn.execute(
-                select(t.messages).where(t.messages.c.mailbox_id == box.id).order_by(t.messages.c.uid)
-            )
+            rows = conn.execute(select(t.messages).where(t.messages.c.mailbox_id == box.id).order_by(t.messages.c.uid))
             return [
                 MessageInfo(
                     r.uid,

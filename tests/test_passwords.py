@@ -1,0 +1,76 @@
+"""Password policy and bounded argon2id hashing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from mailwarden.security.passwords import PasswordHashing, PasswordPolicyError, check_policy
+
+
+@pytest.mark.parametrize(
+    ("password", "why"),
+    [
+        ("short-pw", "at least 12"),
+        ("password1234", "commonly used"),
+        ("qwertyuiopasdfgh", "keyboard run"),
+        ("abcabcabcabc", "repetition"),
+        ("baseball2024!!", "commonly used"),
+        ("my-alice-is-great-pw", "user name"),
+        ("visit example.test now", "domain"),
+        ("examplerules-2026!", "domain"),
+    ],
+)
+def test_policy_refuses(password: str, why: str) -> None:
+    with pytest.raises(PasswordPolicyError, match=why):
+        check_policy(password, "alice@example.test", 12)
+
+
+def test_policy_accepts_a_long_uncommon_passphrase() -> None:
+    check_policy("violet kettle harbour 93", "alice@example.test", 12)
+
+
+def test_hashes_are_argon2id_and_verify() -> None:
+    hashing = PasswordHashing(concurrency=2, time_cost=1, memory_kib=8192)
+
+    async def run() -> tuple[str, bool, bool, bool]:
+        h = await hashing.hash("violet kettle harbour 93")
+        return (
+            h,
+            await hashing.verify(h, "violet kettle harbour 93"),
+            await hashing.verify(h, "violet kettle harbour 94"),
+            await hashing.verify(None, "anything at all"),
+        )
+
+    h, good, bad, missing = asyncio.run(run())
+    assert h.startswith("$argon2id$") and good and not bad and not missing
+
+
+def test_no_more_hashes_run_at_once_than_configured() -> None:
+    hashing = PasswordHashing(concurrency=2, time_cost=1, memory_kib=8192)
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+    real = hashing._hasher.verify
+
+    def counting_verify(h: str, pw: str) -> bool:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return real(h, pw)
+        finally:
+            with lock:
+                running -= 1
+
+    hashing._hasher.verify = counting_verify  # type: ignore[method-assign]
+    stored = hashing.hash_sync("violet kettle harbour 93")
+
+    async def burst() -> list[bool]:
+        return await asyncio.gather(*(hashing.verify(stored, f"wrong guess number {i}") for i in range(12)))
+
+    assert asyncio.run(burst()) == [False] * 12
+    assert peak == 2
