@@ -53,24 +53,27 @@ def test_no_more_hashes_run_at_once_than_configured() -> None:
     running = 0
     peak = 0
     lock = threading.Lock()
-    real = hashing._hasher.verify
+    real = hashing._hasher
 
-    def counting_verify(h: str, pw: str) -> bool:
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        try:
-            return real(h, pw)
-        finally:
+    class CountingHasher:
+        """The real argon2 hasher, counting how many verifications overlap."""
+
+        def verify(self, h: str, pw: str) -> bool:
+            nonlocal running, peak
             with lock:
-                running -= 1
+                running += 1
+                peak = max(peak, running)
+            try:
+                return real.verify(h, pw)
+            finally:
+                with lock:
+                    running -= 1
 
-    hashing._hasher.verify = counting_verify  # type: ignore[method-assign]
     stored = hashing.hash_sync("violet kettle harbour 93")
+    hashing._hasher = CountingHasher()  # type: ignore[assignment]
 
     async def burst() -> list[bool]:
         return await asyncio.gather(*(hashing.verify(stored, f"wrong guess number {i}") for i in range(12)))
 
     assert asyncio.run(burst()) == [False] * 12
-    assert peak == 2
+    assert 1 <= peak <= 2  # without the bound, the default thread pool runs up to 6 at once
