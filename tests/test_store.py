@@ -1,0 +1,122 @@
+"""The mailbox store contract: special-use folders, UIDs, flags, sizes, dates, resolution."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mailwarden.storage.interfaces import DeliveryBatch, LocalDelivery, StorageError
+from mailwarden.storage.sql import SqlStore
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def _store(tmp_path: Path) -> SqlStore:
+    store = await SqlStore.open_sqlite(tmp_path / "db.sqlite", tmp_path / "blobs")
+    await store.add_domain("example.test")
+    await store.add_account("bob@example.test", "hash")
+    return store
+
+
+def test_new_account_has_special_use_mailboxes(tmp_path: Path) -> None:
+    async def go() -> list:
+        store = await _store(tmp_path)
+        boxes = await store.list_mailboxes("bob@example.test")
+        await store.close()
+        return boxes
+
+    boxes = run(go())
+    assert [(b.name, b.special_use) for b in boxes] == [
+        ("INBOX", None),
+        ("Sent", "\\Sent"),
+        ("Drafts", "\\Drafts"),
+        ("Junk", "\\Junk"),
+        ("Trash", "\\Trash"),
+        ("Archive", "\\Archive"),
+    ]
+    assert all(b.uidvalidity > 0 and b.uidnext == 1 and b.messages == 0 for b in boxes)
+
+
+def test_uids_grow_and_metadata_is_kept(tmp_path: Path) -> None:
+    async def go():  # type: ignore[no-untyped-def]
+        store = await _store(tmp_path)
+        for i in range(3):
+            data = f"From: a@b.test\r\nSubject: n{i}\r\nDate: Mon, 1 Jan 2026 00:00:0{i} +0000\r\n\r\nx\r\n".encode()
+            batch = DeliveryBatch(
+                local=[
+                    (
+                        LocalDelivery(
+                            f"Q{i}", "bob@example.test", "bob@example.test", "INBOX", ("\\Seen",) if i == 0 else ()
+                        ),
+                        data,
+                    )
+                ]
+            )
+            await store.deliver(batch)
+        msgs = await store.list_messages("bob@example.test", "INBOX")
+        boxes = {b.name: b for b in await store.list_mailboxes("bob@example.test")}
+        await store.close()
+        return msgs, boxes
+
+    msgs, boxes = run(go())
+    assert [m.uid for m in msgs] == [1, 2, 3]
+    assert [m.subject for m in msgs] == ["n0", "n1", "n2"]
+    assert msgs[0].flags == ("\\Seen",) and msgs[1].flags == ()
+    assert msgs[0].size == len(b"From: a@b.test\r\nSubject: n0\r\nDate: Mon, 1 Jan 2026 00:00:00 +0000\r\n\r\nx\r\n")
+    assert msgs[0].internal_date > 0 and msgs[0].date.startswith("Mon, 1 Jan 2026")
+    assert boxes["INBOX"].uidnext == 4 and boxes["INBOX"].messages == 3
+
+
+def test_hostile_headers_do_not_break_filing(tmp_path: Path) -> None:
+    async def go():  # type: ignore[no-untyped-def]
+        store = await _store(tmp_path)
+        data = b"From: =?utf-8?q?\xff\xfe?= <<<@@>>\r\nSubject: \x00\x01\r\n\r\n"
+        await store.deliver(DeliveryBatch(local=[(LocalDelivery("Q", "bob@example.test", "bob@example.test"), data)]))
+        body = await store.read_message("bob@example.test", "INBOX", 1)
+        await store.close()
+        return body
+
+    assert run(go()) == b"From: =?utf-8?q?\xff\xfe?= <<<@@>>\r\nSubject: \x00\x01\r\n\r\n"
+
+
+def test_resolution_rules(tmp_path: Path) -> None:
+    async def go():  # type: ignore[no-untyped-def]
+        store = await _store(tmp_path)
+        await store.add_account("alice@example.test", "hash")
+        await store.add_alias("team@example.test", "alice@example.test")
+        await store.add_alias("team@example.test", "bob@example.test")
+        await store.add_alias("team@example.test", "outside@far.test")
+        await store.add_alias("loop1@example.test", "loop2@example.test")
+        await store.add_alias("loop2@example.test", "loop1@example.test")
+        out = {
+            a: await store.resolve(a, "+")
+            for a in (
+                "Bob@Example.TEST",
+                "bob+x@example.test",
+                "team@example.test",
+                "none@example.test",
+                "x@far.test",
+                "loop1@example.test",
+            )
+        }
+        owned = await store.sender_addresses("alice@example.test")
+        with pytest.raises(StorageError):
+            await store.add_alias("bob@example.test", "alice@example.test")  # cannot shadow a user
+        await store.close()
+        return out, owned
+
+    out, owned = run(go())
+    assert out["Bob@Example.TEST"].local == ("bob@example.test",)
+    assert out["bob+x@example.test"].local == ("bob@example.test",)
+    assert (out["team@example.test"].local, out["team@example.test"].remote) == (
+        ("alice@example.test", "bob@example.test"),
+        ("outside@far.test",),
+    )
+    assert out["none@example.test"].kind == "unknown"
+    assert out["x@far.test"].kind == "relay"
+    assert out["loop1@example.test"].kind == "unknown"  # an alias loop resolves to nothing, it does not hang
+    assert owned == {"alice@example.test", "team@example.test"}
