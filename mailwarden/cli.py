@@ -232,9 +232,17 @@ def dns_records(domain: str, hostname: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> None:
     from mailwarden.logs import setup_logging
 
+    from mailwarden.supervisor import Supervisor, worker_count
+
     paths = _paths(args)
     cfg = _load_config(paths)
     setup_logging(cfg.get("log.level"))
+    workers = worker_count(cfg)
+    if workers > 1:
+        code = Supervisor(cfg, paths, workers).run()
+        if code:
+            raise CliError("workers kept failing; see the log")
+        return
     try:
         import uvloop
 

@@ -43,6 +43,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("server.primary_domain", str, "", "The domain created by `init`; used in DNS record output."),
     Option(
+        "server.workers",
+        int,
+        0,
+        "Worker processes sharing the listeners; 0 means one per CPU core, 1 runs everything in one process.",
+        minimum=0,
+    ),
+    Option(
         "listen.mx",
         str,
         "0.0.0.0:25",

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,10 +63,85 @@ def make_hashing(config: Config) -> PasswordHashing:
     )
 
 
+def bind_listeners(config: Config) -> dict[str, socket.socket]:
+    """Bind every configured SMTP listener; done once, before workers fork."""
+    socks: dict[str, socket.socket] = {}
+    for role in ROLES:
+        addr = config.listen(role)
+        if addr is None:
+            continue
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            sock.close()
+            for other in socks.values():
+                other.close()
+            raise OSError(exc.errno, f"cannot listen on {addr[0]}:{addr[1]} (listen.{role}): {exc.strerror}") from None
+        sock.listen(512)
+        sock.setblocking(False)
+        socks[role] = sock
+    return socks
+
+
+def spool_dirs(paths: InstancePaths) -> list[Path]:
+    """Every spool directory: one per worker (w0, w1, ...)."""
+    if not paths.spool.exists():
+        return []
+    return sorted(d for d in paths.spool.iterdir() if d.is_dir() and d.name.startswith("w"))
+
+
+def make_spool(config: Config, directory: Path, metrics: Metrics | None = None) -> Spool:
+    return Spool(
+        directory,
+        config.get("queue.segment_max_bytes"),
+        config.get("queue.group_commit_max"),
+        on_flush=metrics.fsync_batch.observe if metrics else None,
+    )
+
+
+async def recover_spool(spool: Spool, filer: Filer) -> int:
+    """File what a spool directory still holds (idempotently) and retire it."""
+    recovered = spool.recover()
+    for record in recovered:
+        filer.submit(record)
+    if recovered:
+        await filer.drained()
+        log_event("spool_recovered", dir=str(spool.dir), count=len(recovered))
+    await spool.checkpoint()
+    return len(recovered)
+
+
+async def recover_all_spools(config: Config, paths: InstancePaths, store: SqlStore) -> int:
+    """Before any listener opens: file every acknowledged message left by the last run."""
+    total = 0
+    for directory in spool_dirs(paths):
+        spool = make_spool(config, directory)
+        filer = Filer(spool, store)
+        filer.start()
+        try:
+            total += await recover_spool(spool, filer)
+        finally:
+            await filer.stop()
+    return total
+
+
 @dataclass
 class Server:
+    """One event loop's worth of server: storage, a spool, a filer and the SMTP listeners.
+
+    Single-process (`sockets` is None): it binds its own listeners and recovers
+    every spool directory first. As a worker under the supervisor, it gets
+    pre-bound sockets and its own spool directory, `spool/w<worker>`.
+    """
+
     config: Config
     paths: InstancePaths
+    worker: int = 0
+    sockets: dict[str, socket.socket] | None = None
+    serve_metrics: bool = True
     bound: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     async def start(self) -> None:
@@ -73,50 +149,36 @@ class Server:
         self.metrics = Metrics()
         self.tls = ServerTls(cfg.path("tls.cert"), cfg.path("tls.key"))
         self.store = await open_store(self.paths)
-        self.spool = Spool(
-            self.paths.spool,
-            cfg.get("queue.segment_max_bytes"),
-            cfg.get("queue.group_commit_max"),
-            on_flush=self.metrics.fsync_batch.observe,
-        )
+        standalone = self.sockets is None
+        if standalone:
+            await recover_all_spools(cfg, self.paths, self.store)
+        self.spool = make_spool(cfg, self.paths.spool / f"w{self.worker}", self.metrics)
         self.filer = Filer(self.spool, self.store, on_filed=self._update_gauges)
-        recovered = self.spool.recover()
         self.filer.start()
-        for record in recovered:
-            self.filer.submit(record)
-        if recovered:
-            log_event("spool_recovered", count=len(recovered))
-            await self.filer.drained()
-            await self.spool.checkpoint()
+        await recover_spool(self.spool, self.filer)
         self.spool.start()
         services = SmtpServices(cfg, self.store, make_hashing(cfg), self.spool, self.filer, self.metrics, self.tls)
         loop = asyncio.get_running_loop()
+        sockets = bind_listeners(cfg) if standalone else dict(self.sockets or {})
         self._servers: list[asyncio.AbstractServer] = []
-        for role in ROLES:
-            addr = cfg.listen(role)
-            if addr is None:
-                continue
+        for role, sock in sockets.items():
             ssl_ctx = self.tls.context if role == "submissions" else None
             server = await loop.create_server(
                 lambda role=role: SmtpSession(services, role, loop),
-                host=addr[0],
-                port=addr[1],
+                sock=sock,
                 ssl=ssl_ctx,
-                reuse_address=True,
                 backlog=512,
                 ssl_handshake_timeout=30 if ssl_ctx else None,
             )
             self._servers.append(server)
-            self.bound[role] = server.sockets[0].getsockname()[:2]
+            self.bound[role] = sock.getsockname()[:2]
         metrics_addr = cfg.listen("metrics")
-        if metrics_addr:
+        if metrics_addr and self.serve_metrics:
             port = self.metrics.serve(*metrics_addr)
             self.bound["metrics"] = (metrics_addr[0], port)
         self._update_gauges()
-        self.paths.listeners_file.parent.mkdir(parents=True, exist_ok=True)
-        self.paths.listeners_file.write_text(json.dumps({k: list(v) for k, v in self.bound.items()}))
-        for name, (host, port) in self.bound.items():
-            log_event("listening", listener=name, addr=f"{host}:{port}")
+        if standalone:
+            write_listeners_file(self.paths, self.bound)
 
     def _update_gauges(self) -> None:
         self.metrics.spool_outstanding.set(self.spool.outstanding())
@@ -149,6 +211,18 @@ class Server:
         log_event("stopped")
 
 
+def write_listeners_file(paths: InstancePaths, bound: dict[str, tuple[str, int]]) -> None:
+    paths.listeners_file.parent.mkdir(parents=True, exist_ok=True)
+    paths.listeners_file.write_text(json.dumps({k: list(v) for k, v in bound.items()}))
+    for name, (host, port) in bound.items():
+        log_event("listening", listener=name, addr=f"{host}:{port}")
+
+
+def ready_line(bound: dict[str, tuple[str, int]]) -> str:
+    """The line `serve` prints on stdout once every listener accepts connections."""
+    return "event=ready " + " ".join(f"{k}={h}:{p}" for k, (h, p) in bound.items())
+
+
 async def serve_forever(config: Config, paths: InstancePaths, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate."""
     server = Server(config, paths)
@@ -158,7 +232,7 @@ async def serve_forever(config: Config, paths: InstancePaths, ready: asyncio.Eve
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
-    print("event=ready " + " ".join(f"{k}={h}:{p}" for k, (h, p) in server.bound.items()), flush=True)
+    print(ready_line(server.bound), flush=True)
     if ready:
         ready.set()
     await stop.wait()

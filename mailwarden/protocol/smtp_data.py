@@ -96,6 +96,10 @@ class DataFramer:
                 line = piece
                 overflow = len(line) > self.max_line
             if self._is_terminator(line):
+                if line != b".\r\n":
+                    # A sloppy terminator is itself a framing disagreement: whatever
+                    # else went wrong, the session must not go on (smuggling).
+                    self._fail(DataError.BARE_NEWLINE)
                 if out and self.error is None:
                     events.append(BodyChunk(bytes(out)))
                 self.done = True
@@ -124,7 +128,7 @@ class DataFramer:
         return self.error is not None and line.replace(b"\r", b"") == b".\n"
 
     def _add_partial(self, chunk: bytes) -> None:
-        room = self.max_line + 1 - len(self._partial)
+        room = self.max_line - len(self._partial)
         if len(chunk) > room:
             self._partial += chunk[: max(room, 0)]
             self._partial_overflow = True
@@ -132,5 +136,7 @@ class DataFramer:
             self._partial += chunk
 
     def _fail(self, error: DataError) -> None:
-        if self.error is None:
+        # A bare newline outranks a size error: it decides that the connection
+        # closes, because nothing after it can be framed with certainty.
+        if self.error is None or error is DataError.BARE_NEWLINE:
             self.error = error

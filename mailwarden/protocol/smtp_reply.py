@@ -73,7 +73,9 @@ def render_reply(status: str, *, ehlo: bool = False) -> str:
     code, sep, rest = status[:3], status[3:4], status[4:]
     if ehlo or code in _NO_ENHANCED or sep == "-" or not code.isdigit():
         return status
-    if _ENHANCED_RE.match(rest):
+    if _ENHANCED_RE.match(rest) and rest[0] == code[0]:
         return status
+    if _ENHANCED_RE.match(rest):
+        rest = rest.split(" ", 1)[1] if " " in rest else ""  # an enhanced code of the wrong class
     enhanced = _DEFAULT_ENHANCED.get(code, f"{code[0]}.0.0")
     return f"{code} {enhanced} {rest}".rstrip()
