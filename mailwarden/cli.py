@@ -231,7 +231,6 @@ def dns_records(domain: str, hostname: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from mailwarden.logs import setup_logging
-
     from mailwarden.supervisor import Supervisor, worker_count
 
     paths = _paths(args)

@@ -229,6 +229,7 @@ def spawn_serve(root: Path) -> ServeProcess:
         stderr=open(root / "serve.log", "a"),  # noqa: SIM115
         text=True,
         env=env,
+        start_new_session=True,  # its own process group, so a test can kill -9 every worker at once
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -10,6 +10,8 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import BOB, TlsMaterial, make_instance, spawn_serve
 
 CLIENTS = 8
@@ -43,9 +45,10 @@ def _sender(port: int, worker: int, acked: dict[str, str], lock: threading.Lock,
         return  # the server was killed under us
 
 
-def test_kill_9_during_load_loses_and_duplicates_nothing(tmp_path: Path, tls: TlsMaterial) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_kill_9_during_load_loses_and_duplicates_nothing(tmp_path: Path, tls: TlsMaterial, workers: int) -> None:
     root = tmp_path / "instance"
-    make_instance(root, tls, {"listen.mx": "127.0.0.1:0", "listen.metrics": ""})
+    make_instance(root, tls, {"listen.mx": "127.0.0.1:0", "listen.metrics": "", "server.workers": workers})
     serve = spawn_serve(root)
     acked: dict[str, str] = {}
     lock = threading.Lock()
@@ -57,7 +60,7 @@ def test_kill_9_during_load_loses_and_duplicates_nothing(tmp_path: Path, tls: Tl
     for t in threads:
         t.start()
     assert enough.wait(120), "load did not reach the kill point"
-    os.kill(serve.proc.pid, signal.SIGKILL)
+    os.killpg(serve.proc.pid, signal.SIGKILL)  # the supervisor and every worker, at once
     serve.proc.wait(30)
     for t in threads:
         t.join(60)
