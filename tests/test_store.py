@@ -120,3 +120,49 @@ def test_resolution_rules(tmp_path: Path) -> None:
     assert out["x@far.test"].kind == "relay"
     assert out["loop1@example.test"].kind == "unknown"  # an alias loop resolves to nothing, it does not hang
     assert owned == {"alice@example.test", "team@example.test"}
+
+
+def test_two_workers_filing_at_once_never_mix_up_bodies(tmp_path: Path) -> None:
+    """Two processes' stores share one database: each UID's body is the message filed under it."""
+    import threading
+
+    async def setup() -> None:
+        store = await _store(tmp_path)
+        await store.close()
+
+    run(setup())
+
+    def worker(name: str) -> None:
+        async def go() -> None:
+            store = await SqlStore.open_sqlite(tmp_path / "db.sqlite", tmp_path / "blobs")
+            for b in range(15):
+                batch = DeliveryBatch(
+                    local=[
+                        (
+                            LocalDelivery(f"{name}{b}x{i}", "bob@example.test", "bob@example.test"),
+                            f"Subject: {name}{b}x{i}\r\n\r\n".encode(),
+                        )
+                        for i in range(8)
+                    ]
+                )
+                await store.deliver(batch)
+            await store.close()
+
+        asyncio.run(go())
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("A", "B", "C")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+
+    async def check() -> list[tuple[str, bytes]]:
+        store = await SqlStore.open_sqlite(tmp_path / "db.sqlite", tmp_path / "blobs")
+        msgs = await store.list_messages("bob@example.test", "INBOX")
+        out = [(m.queue_id, await store.read_message("bob@example.test", "INBOX", m.uid)) for m in msgs]
+        await store.close()
+        return out
+
+    filed = run(check())
+    assert len(filed) == 3 * 15 * 8
+    assert [qid for qid, body in filed if body != f"Subject: {qid}\r\n\r\n".encode()] == []

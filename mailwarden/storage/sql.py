@@ -76,12 +76,23 @@ class SqlStore:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # SQLAlchemy emits BEGIN itself (below), not the sqlite3 module.
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=10000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            # A writing transaction takes SQLite's write lock up front. With a
+            # deferred BEGIN, two workers could both read the same UIDNEXT and
+            # both write a body file under that UID before one of them failed
+            # to upgrade its lock.
+            mode = "IMMEDIATE" if conn.get_execution_options().get("write") else "DEFERRED"
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
         store = cls(engine, FileBlobs(blob_root))
         await store._run(store._create_schema)
@@ -91,16 +102,25 @@ class SqlStore:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
 
     async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(conn, *args) in one transaction on the database thread."""
+        """Run fn(conn, *args) in one writing transaction on the database thread."""
 
         def work() -> T:
-            with self.engine.begin() as conn:
+            with self.engine.connect().execution_options(write=True) as conn, conn.begin():
+                return fn(conn, *args)
+
+        return await self._run(work)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) in a read-only transaction on the database thread."""
+
+        def work() -> T:
+            with self.engine.connect() as conn:
                 return fn(conn, *args)
 
         return await self._run(work)
 
     def _create_schema(self) -> None:
-        with self.engine.begin() as conn:
+        with self.engine.connect().execution_options(write=True) as conn, conn.begin():
             t.metadata.create_all(conn)
             version = conn.execute(select(t.schema_version.c.version)).scalar()
             if version is None:
@@ -317,7 +337,7 @@ class SqlStore:
             )
             return [MailboxInfo(r.id, r.name, r.special_use, r.uidvalidity, r.uidnext, r[-1]) for r in rows]
 
-        return await self._tx(work)
+        return await self._read(work)
 
     async def list_messages(self, account: str, mailbox: str) -> list[MessageInfo]:
         def work(conn: Connection) -> list[MessageInfo]:
@@ -338,7 +358,7 @@ class SqlStore:
                 for r in rows
             ]
 
-        return await self._tx(work)
+        return await self._read(work)
 
     async def read_message(self, account: str, mailbox: str, uid: int) -> bytes:
         def work(conn: Connection) -> str | None:
@@ -347,7 +367,7 @@ class SqlStore:
                 select(t.messages.c.blob).where(t.messages.c.mailbox_id == box.id, t.messages.c.uid == uid)
             ).scalar()
 
-        blob = await self._tx(work)
+        blob = await self._read(work)
         if blob is None:
             raise StorageError(f"no message with UID {uid} in {mailbox}")
         return self.blobs.read(blob)
@@ -479,10 +499,10 @@ class SqlStore:
                 for r in rows
             ]
 
-        return await self._tx(work)
+        return await self._read(work)
 
     async def queue_size(self) -> int:
-        return await self._tx(lambda conn: conn.execute(select(func.count()).select_from(t.queue)).scalar() or 0)
+        return await self._read(lambda conn: conn.execute(select(func.count()).select_from(t.queue)).scalar() or 0)
 
     async def delete_queued(self, queue_id: str) -> int:
         def work(conn: Connection) -> tuple[int, set[str]]:
