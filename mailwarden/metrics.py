@@ -22,10 +22,16 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_size = Gauge(
-            "mailwarden_queue_size", "Recipients waiting in the outbound queue", registry=self.registry
+            "mailwarden_queue_size",
+            "Recipients waiting in the outbound queue",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.spool_outstanding = Gauge(
-            "mailwarden_spool_outstanding", "Accepted messages not yet filed", registry=self.registry
+            "mailwarden_spool_outstanding",
+            "Accepted messages not yet filed",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.fsync_batch = Histogram(
             "mailwarden_fsync_batch_size",

@@ -34,6 +34,7 @@ from mailwarden.server import (
 )
 
 _PR_SET_PDEATHSIG = 1
+_CONTROL_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 
 
 def worker_count(config: Config) -> int:
@@ -66,6 +67,8 @@ async def _worker_main(config: Config, paths: InstancePaths, index: int, sockets
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    # Signals that arrived since the fork were held back (see Supervisor._spawn); handle them now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
     log_event("worker_started", worker=index, pid=os.getpid())
     await stop.wait()
     await server.stop()
@@ -73,6 +76,9 @@ async def _worker_main(config: Config, paths: InstancePaths, index: int, sockets
 
 def _run_worker(config: Config, paths: InstancePaths, index: int, sockets: dict[str, socket.socket]) -> int:
     _die_with_parent()
+    # Not the supervisor's handlers: a worker's own are set up by its event loop.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
     try:
         asyncio.run(_worker_main(config, paths, index, sockets))
@@ -136,7 +142,15 @@ class Supervisor:
     def _spawn(self, index: int, sockets: dict[str, socket.socket]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        # Hold control signals across the fork: the supervisor must know the
+        # child before it forwards a signal to it, and the child must not die
+        # of a SIGHUP that arrives before its event loop can handle it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CONTROL_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
+            raise
         if pid == 0:
             _install_uvloop()
             code = _run_worker(self.config, self.paths, index, sockets)
@@ -144,6 +158,7 @@ class Supervisor:
             sys.stderr.flush()
             os._exit(code)
         self.children[pid] = index
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
 
     def _on_stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
@@ -179,6 +194,8 @@ class Supervisor:
                 self._on_stop(signal.SIGTERM, None)
                 continue
             time.sleep(min(failures, 5) * 0.2)  # back off before restarting a crashing worker
+            if self.stopping:
+                continue  # SIGTERM arrived during the back-off
             self._spawn(index, sockets)
         log_event("stopped")
         return 0 if self.stopping else 1
