@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,18 +224,21 @@ def ready_line(bound: dict[str, tuple[str, int]]) -> str:
     return "event=ready " + " ".join(f"{k}={h}:{p}" for k, (h, p) in bound.items())
 
 
-async def serve_forever(config: Config, paths: InstancePaths, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate."""
-    server = Server(config, paths)
-    await server.start()
+async def run_until_signalled(server: Server, on_ready: Callable[[], None]) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly; SIGHUP reloads the TLS certificate."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
-    print(ready_line(server.bound), flush=True)
-    if ready:
-        ready.set()
+    on_ready()
     await stop.wait()
     log_event("stopping")
     await server.stop()
+
+
+async def serve_forever(config: Config, paths: InstancePaths) -> None:
+    """`serve` with server.workers = 1: everything in this process."""
+    server = Server(config, paths)
+    await server.start()
+    await run_until_signalled(server, lambda: print(ready_line(server.bound), flush=True))

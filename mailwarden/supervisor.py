@@ -30,6 +30,7 @@ from mailwarden.server import (
     open_store,
     ready_line,
     recover_all_spools,
+    run_until_signalled,
     write_listeners_file,
 )
 
@@ -62,16 +63,13 @@ def _install_uvloop() -> None:
 async def _worker_main(config: Config, paths: InstancePaths, index: int, sockets: dict[str, socket.socket]) -> None:
     server = Server(config, paths, worker=index, sockets=sockets, serve_metrics=False)
     await server.start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
-    # Signals that arrived since the fork were held back (see Supervisor._spawn); handle them now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
-    log_event("worker_started", worker=index, pid=os.getpid())
-    await stop.wait()
-    await server.stop()
+
+    def ready() -> None:
+        # Signals that arrived since the fork were held back (see Supervisor._spawn); handle them now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CONTROL_SIGNALS)
+        log_event("worker_started", worker=index, pid=os.getpid())
+
+    await run_until_signalled(server, ready)
 
 
 def _run_worker(config: Config, paths: InstancePaths, index: int, sockets: dict[str, socket.socket]) -> int:
