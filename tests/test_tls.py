@@ -428,12 +428,28 @@ def test_sslyze_mozilla_intermediate_key_exchange_groups(sslyze_scan: tuple[obje
 
 
 def test_commands_pipelined_behind_starttls_are_discarded(server: RunningServer) -> None:
-    conn = plain(server.ports["mx"])
+    assert_starttls_drops_pipelined_plaintext(server.ports["mx"], server.tls)
+
+
+def test_pipelined_plaintext_is_discarded_by_the_real_serve_too(tmp_path: Path, tls: TlsMaterial) -> None:
+    """The same check against `mailwarden serve`: uvloop and two worker processes."""
+    root = tmp_path / "instance"
+    make_instance(root, tls, {"server.workers": 2})
+    proc = spawn_serve(root)
+    try:
+        for listener in ("mx", "submission"):
+            assert_starttls_drops_pipelined_plaintext(proc.ports[listener], tls)
+    finally:
+        assert proc.stop() == 0
+
+
+def assert_starttls_drops_pipelined_plaintext(port: int, tls: TlsMaterial) -> None:
+    conn = plain(port)
     conn.send(b"EHLO x\r\n")
     assert "250 STARTTLS" in conn.reply()
     conn.send(b"STARTTLS\r\nRSET\r\n")  # one write: RSET travels in plaintext behind STARTTLS
     assert conn.reply()[0].startswith("220 ")
-    conn.starttls(server.tls.client_context())  # checks that nothing else came in plaintext
+    conn.starttls(tls.client_context())  # checks that nothing else came in plaintext
     conn.send(b"EHLO x\r\n")
     first = conn.reply()
     assert first[0].startswith("250-"), f"first reply over TLS is not EHLO's: {first!r}"
