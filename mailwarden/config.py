@@ -93,6 +93,21 @@ OPTIONS: tuple[Option, ...] = (
         is_address=True,
     ),
     Option(
+        "dns.servers",
+        list,
+        [],
+        "DNS servers every check resolves through, as HOST:PORT strings. Empty: the nameservers in /etc/resolv.conf. Use a validating resolver if you want DANE.",
+        is_address=True,
+    ),
+    Option(
+        "dns.timeout",
+        float,
+        5.0,
+        "Seconds to wait for one DNS server before trying the next; all failing is a temporary error.",
+        minimum=0.1,
+    ),
+    Option("dns.cache_size", int, 10_000, "Answers kept in the DNS cache (each for its TTL).", minimum=0),
+    Option(
         "tls.cert", str, "tls/cert.pem", "PEM certificate chain, relative to the instance folder. Reloaded on SIGHUP."
     ),
     Option("tls.key", str, "tls/key.pem", "PEM private key, relative to the instance folder. Reloaded on SIGHUP."),
@@ -222,7 +237,13 @@ def _check(opt: Option, value: Any) -> Any:
     if opt.choices is not None and value not in opt.choices:
         raise ConfigError(opt.key, f"must be one of {', '.join(opt.choices)}, got {value!r}")
     if opt.is_address and value:
-        parse_address(opt.key, value)
+        if isinstance(value, list):
+            for item in value:
+                if not isinstance(item, str):
+                    raise ConfigError(opt.key, f"expected HOST:PORT strings, got {item!r}")
+                parse_address(opt.key, item)
+        else:
+            parse_address(opt.key, value)
     return value
 
 
@@ -259,6 +280,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 

@@ -248,48 +248,88 @@ def spawn_serve(root: Path) -> ServeProcess:
 
 @dataclass
 class DnsServer:
-    """A real DNS server on 127.0.0.1 serving zones the test declares."""
+    """A real DNS server on 127.0.0.1 serving zones the test declares.
+
+    `servfail` and `silent` hold names (lower case, no trailing dot) that get a
+    SERVFAIL or no answer at all (a timeout); `queries` records every question.
+    """
 
     host: str
     port: int
     records: list[Any]  # dnslib RR objects
+    servfail: set[str] = field(default_factory=set)
+    silent: set[str] = field(default_factory=set)
+    queries: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, zone_text: str) -> None:
         from dnslib import RR
 
         self.records.extend(RR.fromZone(zone_text))
 
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
 
-@pytest.fixture
-def dns_server() -> Iterator[DnsServer]:
-    from dnslib import QTYPE, RCODE
-    from dnslib.server import BaseResolver, DNSServer
 
-    records: list[Any] = []
+@pytest.fixture(scope="session")
+def _dns_backend() -> Iterator[DnsServer]:
+    """One dnslib server for the session (stopping one takes a second); tests share it."""
+    from dnslib import QTYPE, RCODE, DNSError
+    from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+    class QuietLogger(DNSLogger):
+        def __init__(self) -> None:
+            super().__init__(log="-recv,-send,-request,-reply,-truncated,-error,-data", prefix=False)
+
+    state = DnsServer("127.0.0.1", 0, [])
 
     class ZoneResolver(BaseResolver):
         def resolve(self, request: Any, handler: Any) -> Any:
             reply = request.reply()
             qname, qtype = request.q.qname, request.q.qtype
+            name = str(qname).rstrip(".").lower()
+            state.queries.append((name, QTYPE[qtype]))
+            if name in state.silent:
+                raise DNSError("silent")  # dnslib then sends nothing: the client times out
+            if name in state.servfail:
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply
             known = False
-            for rr in records:
+            for rr in state.records:
                 if rr.rname == qname:
                     known = True
                     if rr.rtype == qtype or qtype == QTYPE.ANY or rr.rtype == QTYPE.CNAME:
                         reply.add_answer(rr)
             if not known:
                 reply.header.rcode = RCODE.NXDOMAIN
+            if not reply.rr:
+                for rr in state.records:  # the zone's SOA, for negative caching (RFC 2308)
+                    if rr.rtype == QTYPE.SOA and (qname == rr.rname or qname.matchSuffix(rr.rname)):
+                        reply.add_auth(rr)
+                        break
             return reply
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    udp = DNSServer(ZoneResolver(), port=port, address="127.0.0.1")
-    tcp = DNSServer(ZoneResolver(), port=port, address="127.0.0.1", tcp=True)
+    udp = DNSServer(ZoneResolver(), port=port, address="127.0.0.1", logger=QuietLogger())
+    tcp = DNSServer(ZoneResolver(), port=port, address="127.0.0.1", tcp=True, logger=QuietLogger())
     udp.start_thread()
     tcp.start_thread()
+    state.port = port
     try:
-        yield DnsServer("127.0.0.1", port, records)
+        yield state
     finally:
         udp.stop()
         tcp.stop()
+
+
+@pytest.fixture
+def dns_server(_dns_backend: DnsServer) -> Iterator[DnsServer]:
+    """The shared DNS server, emptied for this test."""
+    state = _dns_backend
+    state.records.clear()
+    state.servfail.clear()
+    state.silent.clear()
+    state.queries.clear()
+    yield state
