@@ -1,0 +1,1 @@
+"""Inbound checks. Each module has one async entry point returning a `CheckResult`."""
