@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("uid", type=int)
     sp.add_argument("--folder", default="INBOX")
 
+    sp = cmd(sub, "inspect", cmd_inspect, "run the inbound checks offline on a message file and explain the verdict")
+    sp.add_argument("file", help="the message (RFC 5322; LF line endings are converted)")
+    sp.add_argument("--ip", required=True, help="the connecting client's address")
+    sp.add_argument("--helo", default="", help="the name the client gave in EHLO/HELO")
+    sp.add_argument("--mail-from", default="", help="the envelope sender (empty for <>)")
+    sp.add_argument("--rcpt", action="append", default=[], help="an envelope recipient (repeatable)")
+    sp.add_argument("--dns", help="resolve through this SERVER:PORT instead of the configured servers")
+    sp.add_argument("--json", action="store_true", help="print the verdict as JSON")
+
     que = sub.add_parser("queue", help="outbound queue").add_subparsers(dest="sub", required=True, parser_class=_Parser)
     cmd(que, "list", cmd_queue_list, "list queued recipients")
     cmd(que, "show", cmd_queue_show, "show a queued message").add_argument("queue_id")
@@ -359,6 +368,44 @@ def cmd_queue_delete(args: argparse.Namespace) -> None:
     if n == 0:
         raise CliError(f"no queued message {args.queue_id}")
     print(f"deleted {args.queue_id.upper()} ({n} recipient{'s' if n != 1 else ''})")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from mailwarden.dns.resolver import Resolver
+    from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message
+
+    paths = _paths(args)
+    cfg = config_mod.load(paths.config) if paths.config.exists() else config_mod.validate({}, paths.root)
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+    if raw.startswith(b"From ") and b"\n" in raw:
+        raw = raw.split(b"\n", 1)[1]  # an mbox separator line is not part of the message
+    message = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if args.dns:
+        servers = [config_mod.parse_address("--dns", args.dns)]
+    else:
+        servers = [config_mod.parse_address("dns.servers", s) for s in cfg.get("dns.servers")] or None
+    resolver = Resolver(servers, timeout=cfg.get("dns.timeout"))
+    envelope = InboundEnvelope(args.ip, args.helo, args.mail_from, tuple(args.rcpt))
+    policy = InboundPolicy(authserv_id=cfg.get("server.hostname"))
+    verdict, _ = asyncio.run(evaluate_message(message, envelope, resolver, policy))
+    if args.json:
+        print(json.dumps(verdict.as_dict(), indent=2))
+        return
+    reply = verdict.smtp_reply()
+    print(f"Verdict: {verdict.action.value} (score {verdict.score:g})" + (f" -> {reply.line()}" if reply else ""))
+    for reason in verdict.reasons:
+        print(f"  because {reason}")
+    print("Checks:")
+    for r in verdict.results:
+        print(f"  {r.check:<6} {r.result:<10} {r.elapsed * 1000:7.1f} ms  {r.reason}")
+    if verdict.removed_forgeries:
+        print(f"Removed {verdict.removed_forgeries} forged Authentication-Results claiming {policy.authserv_id}")
+    print(verdict.header.decode("utf-8", "replace"), end="")
 
 
 def main(argv: list[str] | None = None) -> int:

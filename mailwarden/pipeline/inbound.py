@@ -1,0 +1,212 @@
+"""The data stage of inbound checks, and the one verdict that merges them.
+
+Runs SPF, DKIM and ARC concurrently, then DMARC on their results, then maps
+each result through the policy (`InboundPolicy.actions`, like Postfix's
+restriction lists: what a result means is data, not code) and merges:
+the most severe action wins, scores add up, and a total over the junk or
+reject threshold raises the action. The same `Verdict` renders the SMTP
+reply, the Authentication-Results header, the log line and `inspect`.
+
+Not yet wired into the SMTP listener (next step of the inbound issue);
+`mailwarden inspect` runs it offline on a message file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailwarden.checks.arc import evaluate_arc
+from mailwarden.checks.dkim import evaluate_dkim
+from mailwarden.checks.dmarc import DkimIdentity, SpfIdentity, evaluate_dmarc
+from mailwarden.checks.from_header import FromHeaderError, parse_author
+from mailwarden.checks.result import Action, CheckResult
+from mailwarden.checks.spf import evaluate_spf
+from mailwarden.dns.resolver import Resolver
+from mailwarden.pipeline.auth_results import render_auth_results, strip_claimed_auth_results
+from mailwarden.protocol.smtp_reply import SmtpReply
+
+# What each result means unless the administrator says otherwise: an action
+# name, or a score to add. Keys are "<check>.<result>" (DMARC's applied
+# policy for "dmarc.reject" / "dmarc.quarantine").
+DEFAULT_ACTIONS: dict[str, str | float] = {
+    "from.invalid": "reject",
+    "from.impersonation": "reject",  # display name holds an address in one of our domains, the address does not
+    "from.lookalike": 2.0,  # display name holds some other domain's address
+    "dmarc.reject": "reject",
+    "dmarc.quarantine": "junk",
+    "dmarc.temperror": "tempfail",
+    "spf.fail": 3.0,
+    "spf.softfail": 1.0,
+    "spf.permerror": 1.0,
+    "dkim.fail": 1.0,
+    "dkim.policy": 0.5,
+    "arc.fail": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class InboundEnvelope:
+    ip: str
+    helo: str
+    mail_from: str  # "" for the null reverse-path
+    rcpts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InboundPolicy:
+    authserv_id: str
+    actions: Mapping[str, str | float] = field(default_factory=lambda: dict(DEFAULT_ACTIONS))
+    junk_score: float = 5.0
+    reject_score: float = 10.0
+    trusted_arc_sealers: tuple[str, ...] = ()
+    local_domains: frozenset[str] = frozenset()  # our hosted domains, for impersonation checks
+
+
+@dataclass
+class Verdict:
+    action: Action
+    score: float
+    reasons: list[str]
+    results: list[CheckResult]
+    header: bytes  # our Authentication-Results field, CRLF-terminated
+    removed_forgeries: int = 0
+    elapsed: float = 0.0
+
+    def smtp_reply(self) -> SmtpReply | None:
+        """The refusal to send after DATA, or None to accept."""
+        why = "; ".join(self.reasons[:2]) or "policy"
+        if self.action is Action.REJECT:
+            return SmtpReply(550, "5.7.1", f"Message refused: {why}")
+        if self.action is Action.TEMPFAIL:
+            return SmtpReply(451, "4.7.1", f"Try again later: {why}")
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action.value,
+            "score": self.score,
+            "reasons": self.reasons,
+            "authentication_results": self.header.decode("utf-8", "replace").rstrip("\r\n"),
+            "removed_forged_auth_results": self.removed_forgeries,
+            "elapsed_ms": round(self.elapsed * 1000, 1),
+            "checks": [
+                {
+                    "check": r.check,
+                    "result": r.result,
+                    "reason": r.reason,
+                    "action": r.action.value,
+                    "score": r.score,
+                    "elapsed_ms": round(r.elapsed * 1000, 1),
+                    "dns_lookups": r.dns_lookups,
+                }
+                for r in self.results
+            ],
+        }
+
+
+async def evaluate_message(
+    message: bytes, envelope: InboundEnvelope, resolver: Resolver, policy: InboundPolicy
+) -> tuple[Verdict, bytes]:
+    """The verdict, and the message with forged Authentication-Results removed and ours prepended."""
+    started = time.monotonic()
+    cleaned, removed = strip_claimed_auth_results(message, policy.authserv_id)
+    results: list[CheckResult] = []
+    try:
+        author = parse_author(cleaned)
+    except FromHeaderError as exc:
+        author = None
+        results.append(CheckResult(check="from", result="invalid", reason=f"From header: {exc.reason}"))
+    else:
+        impersonation = display_name_impersonation(author.display_name, author.domain, policy.local_domains)
+        if impersonation is not None:
+            results.append(impersonation)
+    spf, dkim, arc = await asyncio.gather(
+        evaluate_spf(envelope.ip, envelope.helo, envelope.mail_from, resolver, receiver=policy.authserv_id),
+        evaluate_dkim(cleaned, resolver),
+        evaluate_arc(cleaned, resolver, trusted_sealers=policy.trusted_arc_sealers, remote_ip=envelope.ip),
+    )
+    results += [spf, dkim, arc]
+    if author is not None:
+        spf_identity = SpfIdentity(
+            spf.result,
+            str(spf.details.get("domain", "")),
+            "helo" if spf.details.get("identity") == "helo" else "mfrom",
+        )
+        dkim_identities = [DkimIdentity(result, domain) for result, domain in dkim.details.get("results", [])]
+        dmarc = await evaluate_dmarc(author.domain, spf_identity, dkim_identities, resolver)
+        results.append(dmarc)
+    verdict = merge(results, policy)
+    verdict.removed_forgeries = removed
+    verdict.elapsed = time.monotonic() - started
+    return verdict, verdict.header + cleaned
+
+
+_ADDRESS_IN_NAME = re.compile(r"[A-Za-z0-9._%+-]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
+
+
+def display_name_impersonation(
+    display_name: str, author_domain: str, local_domains: frozenset[str]
+) -> CheckResult | None:
+    """`"ceo@ourdomain" <x@attacker>`: DMARC checks the real address, so this is caught here.
+
+    An address of one of our own domains in the display name of mail from
+    elsewhere is impersonation (reject by default); any other foreign
+    address there is only suspicious (a score), since mailing lists write
+    "alice@example.org via List".
+    """
+    for match in _ADDRESS_IN_NAME.finditer(display_name):
+        shown = match.group(1).lower()
+        if shown == author_domain or shown.endswith("." + author_domain):
+            continue
+        if shown in local_domains:
+            return CheckResult(
+                check="from",
+                result="impersonation",
+                reason=f"display name shows {match.group(0)} (our domain) but the address is in {author_domain}",
+            )
+        return CheckResult(
+            check="from",
+            result="lookalike",
+            reason=f"display name shows {match.group(0)} but the address is in {author_domain}",
+        )
+    return None
+
+
+def _policy_key(result: CheckResult) -> str:
+    if result.check == "dmarc" and result.result == "fail":
+        return f"dmarc.{result.details.get('disposition', 'none')}"
+    return f"{result.check}.{result.result}"
+
+
+def merge(results: list[CheckResult], policy: InboundPolicy) -> Verdict:
+    """One verdict: the most severe action, scores added, thresholds applied, reasons kept."""
+    action = Action.NONE
+    score = 0.0
+    reasons: list[str] = []
+    arc_override = any(r.check == "arc" and r.details.get("trusted_override") for r in results)
+    for r in results:
+        meaning = policy.actions.get(_policy_key(r))
+        if meaning is None:
+            continue
+        if r.check == "dmarc" and arc_override and r.result == "fail":
+            reasons.append(f"dmarc fail overridden by a trusted ARC sealer ({r.reason})")
+            continue
+        if isinstance(meaning, str):
+            suggested = Action(meaning)
+            if suggested.severity > action.severity:
+                action = suggested
+            reasons.append(f"{r.check} {r.result}: {r.reason}")
+        else:
+            score += float(meaning)
+            reasons.append(f"{r.check} {r.result} (+{meaning:g}): {r.reason}")
+    if score >= policy.reject_score and action.severity < Action.REJECT.severity:
+        action = Action.REJECT
+    elif score >= policy.junk_score and action.severity < Action.JUNK.severity:
+        action = Action.JUNK
+    header = render_auth_results(policy.authserv_id, results)
+    return Verdict(action, score, reasons, results, header)
