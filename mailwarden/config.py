@@ -8,6 +8,7 @@ defaults (`mailwarden config defaults`, docs/configuration.md) and the typed
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,36 @@ class Option:
     minimum: int | float | None = None
     choices: tuple[str, ...] | None = None
     is_address: bool = False
+    validator: Callable[[str, Any], None] | None = None  # raises ConfigError for a bad value
+
+
+_ACTION_WORDS = ("none", "junk", "quarantine", "reject", "tempfail")
+
+
+def _check_actions(key: str, value: Any) -> None:
+    for name, meaning in value.items():
+        if "." not in name:
+            raise ConfigError(f"{key}.{name}", 'expected "<check>.<result>", e.g. "spf.fail"')
+        if isinstance(meaning, bool) or not isinstance(meaning, (str, int, float)):
+            raise ConfigError(f"{key}.{name}", f"expected an action or a score, got {meaning!r}")
+        if isinstance(meaning, str) and meaning not in _ACTION_WORDS:
+            raise ConfigError(f"{key}.{name}", f"action must be one of {', '.join(_ACTION_WORDS)}, got {meaning!r}")
+
+
+def _check_networks(key: str, value: Any) -> None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"not a network: {item!r} (expected CIDR like 192.0.2.0/24)") from None
+
+
+def _check_str_list(key: str, value: Any) -> None:
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ConfigError(key, f"expected non-empty strings, got {item!r}")
 
 
 # Production defaults. `init --dev` overrides the listen.* keys only.
@@ -171,6 +202,35 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "queue.group_commit_max", int, 512, "Most messages made durable by one fsync of the spool journal.", minimum=1
     ),
+    Option(
+        "inbound.checks",
+        bool,
+        True,
+        "Run the inbound checks (SPF, DKIM, ARC, DMARC) on mail arriving on the MX listener from unauthenticated, untrusted clients.",
+    ),
+    Option(
+        "inbound.actions",
+        dict,
+        {},
+        'What a check result means, overriding the built-in table: "<check>.<result>" = an action (none, junk, quarantine, reject, tempfail) or a score to add. See docs/inbound.md.',
+        validator=_check_actions,
+    ),
+    Option("inbound.junk_score", float, 5.0, "A total score at or above this delivers to Junk.", minimum=0),
+    Option("inbound.reject_score", float, 10.0, "A total score at or above this rejects with 550 5.7.1.", minimum=0),
+    Option(
+        "inbound.trusted_networks",
+        list,
+        [],
+        "Client networks (CIDR) whose mail skips the sender checks, such as your own other servers. Not a relay permission.",
+        validator=_check_networks,
+    ),
+    Option(
+        "inbound.trusted_arc_sealers",
+        list,
+        [],
+        "ARC sealer domains (e.g. a mailing list host) whose passing chain overrides a DMARC failure.",
+        validator=_check_str_list,
+    ),
     Option("log.level", str, "info", "Log level.", choices=("debug", "info", "warning", "error")),
 )
 
@@ -236,6 +296,8 @@ def _check(opt: Option, value: Any) -> Any:
         raise ConfigError(opt.key, f"must be at least {opt.minimum}, got {value}")
     if opt.choices is not None and value not in opt.choices:
         raise ConfigError(opt.key, f"must be one of {', '.join(opt.choices)}, got {value!r}")
+    if opt.validator is not None:
+        opt.validator(opt.key, value)
     if opt.is_address and value:
         if isinstance(value, list):
             for item in value:
@@ -282,6 +344,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 

@@ -7,6 +7,7 @@ acknowledged before a crash is filed before new mail arrives.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import signal
@@ -16,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailwarden.config import Config
-from mailwarden.endpoints.smtp import ROLES, SmtpServices, SmtpSession
+from mailwarden.dns import resolver_from_config
+from mailwarden.endpoints.smtp import ROLES, InboundChecks, SmtpServices, SmtpSession
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
 from mailwarden.pipeline.filing import Filer
+from mailwarden.pipeline.inbound import DEFAULT_ACTIONS, InboundPolicy
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
 from mailwarden.storage.spool import Spool
@@ -129,6 +132,23 @@ async def recover_all_spools(config: Config, paths: InstancePaths, store: SqlSto
     return total
 
 
+def inbound_checks(config: Config) -> InboundChecks | None:
+    """The inbound check settings from config, or None when inbound.checks is off."""
+    if not config.get("inbound.checks"):
+        return None
+    actions = dict(DEFAULT_ACTIONS)
+    actions.update(config.get("inbound.actions"))
+    policy = InboundPolicy(
+        authserv_id=config.get("server.hostname"),
+        actions=actions,
+        junk_score=config.get("inbound.junk_score"),
+        reject_score=config.get("inbound.reject_score"),
+        trusted_arc_sealers=tuple(d.lower() for d in config.get("inbound.trusted_arc_sealers")),
+    )
+    trusted = tuple(ipaddress.ip_network(n, strict=False) for n in config.get("inbound.trusted_networks"))
+    return InboundChecks(resolver_from_config(config), policy, trusted)
+
+
 @dataclass
 class Server:
     """One event loop's worth of server: storage, a spool, a filer and the SMTP listeners.
@@ -158,7 +178,9 @@ class Server:
         self.filer.start()
         await recover_spool(self.spool, self.filer)
         self.spool.start()
-        services = SmtpServices(cfg, self.store, make_hashing(cfg), self.spool, self.filer, self.metrics, self.tls)
+        services = SmtpServices(
+            cfg, self.store, make_hashing(cfg), self.spool, self.filer, self.metrics, self.tls, inbound_checks(cfg)
+        )
         loop = asyncio.get_running_loop()
         sockets = bind_listeners(cfg) if standalone else dict(self.sockets or {})
         self._servers: list[asyncio.AbstractServer] = []

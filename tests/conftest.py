@@ -34,11 +34,15 @@ ALICE_PW = "correct horse battery staple"
 BOB_PW = "tangerine orbit lantern 42"
 
 # Cheap argon2 for tests; production defaults are checked in test_config.py.
-TEST_CONFIG = {
+# Loopback clients are trusted (they skip the sender checks) except in the tests
+# of those checks, which override it; DNS always goes to the test DNS server.
+TEST_CONFIG: dict[str, Any] = {
     "accounts.argon2_memory_kib": 8192,
     "accounts.argon2_time_cost": 1,
     "accounts.hash_concurrency": 2,
+    "inbound.trusted_networks": ["127.0.0.0/8", "::1/128"],
 }
+_TEST_DNS: list[str] = []  # HOST:PORT of the session's DNS server, set by the _dns_backend fixture
 
 
 @dataclass
@@ -99,6 +103,7 @@ def make_instance(root: Path, tls: TlsMaterial, overrides: dict[str, Any] | None
     values = {f"listen.{n}": "127.0.0.1:0" for n in ("mx", "submission", "submissions", "metrics")}
     values.update({f"listen.{n}": "" for n in ("imap", "imaps", "web")})
     values.update(TEST_CONFIG)
+    values["dns.servers"] = list(_TEST_DNS)  # never the machine's resolver
     values.update(overrides or {})
     set_config(paths.config, values)
     for address, password in ((ALICE, ALICE_PW), (BOB, BOB_PW)):
@@ -271,7 +276,7 @@ class DnsServer:
         return (self.host, self.port)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def _dns_backend() -> Iterator[DnsServer]:
     """One dnslib server for the session (stopping one takes a second); tests share it."""
     from dnslib import QTYPE, RCODE, DNSError
@@ -317,6 +322,7 @@ def _dns_backend() -> Iterator[DnsServer]:
     udp.start_thread()
     tcp.start_thread()
     state.port = port
+    _TEST_DNS[:] = [f"127.0.0.1:{port}"]
     try:
         yield state
     finally:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
+import ipaddress
 import logging
 import random
 import re
@@ -29,11 +31,14 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _AuthMechAttr
 
+from mailwarden.checks.result import Action
 from mailwarden.config import Config
+from mailwarden.dns.resolver import Resolver
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
 from mailwarden.pipeline.filing import Filer
 from mailwarden.pipeline.headers import received_header
+from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message
 from mailwarden.pipeline.recipients import check_recipient
 from mailwarden.pipeline.submission import (
     check_from_header,
@@ -74,6 +79,23 @@ class SmtpServices:
     filer: Filer
     metrics: Metrics
     tls: ServerTls
+    inbound: InboundChecks | None = None  # None: inbound.checks is off
+
+
+@dataclass
+class InboundChecks:
+    """The data-stage checks for mail from unauthenticated, untrusted MX clients."""
+
+    resolver: Resolver
+    policy: InboundPolicy
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def applies_to(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return True
+        return not any(addr in net for net in self.trusted)
 
 
 class _Hooks:
@@ -480,6 +502,10 @@ class SmtpSession(SMTP):
                 log_event("reject", sid=self.sid, ip=self.ip, user=self.user, reason="from_header", detail=reply.text)
                 raise
             prefix += ensure_message_id(header_block, self.hostname)
+        mailbox = "INBOX"
+        inbound = self.services.inbound
+        if self.role == "mx" and not self.session.authenticated and inbound and inbound.applies_to(self.ip):  # type: ignore[union-attr]
+            message, mailbox = await self._run_checks(inbound, message, sender)
         qid = new_queue_id()
         local: dict[str, str] = {}
         remote: list[str] = []
@@ -504,7 +530,7 @@ class SmtpSession(SMTP):
         data = received + prefix + message
         envelope = {
             "sender": sender,
-            "local": [[rcpt, account] for account, rcpt in local.items()],
+            "local": [[rcpt, account, mailbox] for account, rcpt in local.items()],
             "remote": remote,
             "ip": self.ip,
             "user": self.user,
@@ -531,6 +557,38 @@ class SmtpSession(SMTP):
             size=len(data),
         )
         return f"250 2.0.0 Ok: queued as {qid}"
+
+    async def _run_checks(self, inbound: InboundChecks, message: bytes, sender: str) -> tuple[bytes, str]:
+        """The data-stage verdict: refuse (raises SmtpReply), or the checked message and its folder."""
+        env = self.envelope
+        assert env is not None
+        policy = dataclasses.replace(
+            inbound.policy, local_domains=frozenset(await self.services.accounts.list_domains())
+        )
+        verdict, checked = await evaluate_message(
+            message,
+            InboundEnvelope(self.ip, self.session.host_name or "", sender, tuple(env.rcpt_tos)),  # type: ignore[union-attr]
+            inbound.resolver,
+            policy,
+        )
+        log_event(
+            "verdict",
+            sid=self.sid,
+            ip=self.ip,
+            sender=clean_text(sender),
+            action=verdict.action.value,
+            score=f"{verdict.score:g}",
+            checks=" ".join(f"{r.check}={r.result}" for r in verdict.results),
+            reasons="; ".join(verdict.reasons) or None,
+            ms=round(verdict.elapsed * 1000, 1),
+        )
+        reply = verdict.smtp_reply()
+        if reply is not None:
+            self._reject(f"verdict_{verdict.action.value}")
+            raise reply
+        # Quarantine is held in Junk until the quarantine store lands.
+        folder = "Junk" if verdict.action in (Action.JUNK, Action.QUARANTINE) else "INBOX"
+        return checked, folder
 
     # ---- AUTH --------------------------------------------------------------
 

@@ -25,8 +25,9 @@ def batch_for(records: list[SpoolRecord]) -> DeliveryBatch:
         sender = env.get("sender", "")
         if env.get("local"):
             local_body = return_path(sender) + rec.body
-            for rcpt, account in env["local"]:
-                batch.local.append((LocalDelivery(rec.queue_id, rcpt, account), local_body))
+            for rcpt, account, *folder in env["local"]:
+                mailbox = folder[0] if folder else "INBOX"
+                batch.local.append((LocalDelivery(rec.queue_id, rcpt, account, mailbox), local_body))
         for rcpt in env.get("remote", []):
             batch.remote.append((RemoteDelivery(rec.queue_id, sender, rcpt), rec.body))
     return batch

@@ -1,0 +1,87 @@
+"""Inbound checks over real SMTP: the verdict decides the reply and the folder."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+
+from tests.conftest import BOB, DnsServer, RunningServer
+from tests.test_dkim import ed25519_key, publish, sign
+
+ZONE = """
+bank.test. 300 IN TXT "v=spf1 ip4:198.51.100.1 -all"
+_dmarc.bank.test. 300 IN TXT "v=DMARC1; p=reject"
+shop.test. 300 IN TXT "v=spf1 ip4:198.51.100.2 -all"
+_dmarc.shop.test. 300 IN TXT "v=DMARC1; p=quarantine"
+attacker.test. 300 IN TXT "v=spf1 ip4:127.0.0.1 -all"
+news.test. 300 IN TXT "v=spf1 ip4:127.0.0.1 -all"
+_dmarc.news.test. 300 IN TXT "v=DMARC1; p=reject"
+"""
+
+
+@pytest.fixture
+def checked(server_factory, dns_server: DnsServer) -> RunningServer:  # type: ignore[no-untyped-def]
+    """A server that runs the inbound checks on loopback clients too."""
+    dns_server.add(ZONE)
+    return server_factory({"inbound.trusted_networks": []})
+
+
+def message(from_header: str, extra: str = "") -> bytes:
+    return (
+        f"{extra}From: {from_header}\r\nTo: {BOB}\r\nSubject: hello\r\nDate: Mon, 1 Jan 2026 00:00:00 +0000\r\n"
+        "Message-ID: <m@x.test>\r\n\r\nbody\r\n"
+    ).encode()
+
+
+def send(server: RunningServer, sender: str, data: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as c:
+        c.ehlo("mx.sender.test")
+        c.starttls(context=server.tls.client_context())
+        c.ehlo("mx.sender.test")
+        c.mail(sender)
+        assert c.rcpt(BOB)[0] == 250
+        return c.data(data)
+
+
+def test_dmarc_reject_forgery_is_refused_after_data(checked: RunningServer) -> None:
+    code, text = send(checked, "x@attacker.test", message("Bank <alerts@bank.test>"))
+    assert (code, text[:5]) == (550, b"5.7.1") and b"dmarc" in text
+    assert checked.inbox(BOB) == [] and checked.inbox(BOB, "Junk") == []
+
+
+def test_dmarc_quarantine_goes_to_junk(checked: RunningServer) -> None:
+    code, _ = send(checked, "x@attacker.test", message("Shop <orders@shop.test>"))
+    assert code == 250
+    assert checked.inbox(BOB) == []
+    assert [r[2] for r in checked.inbox(BOB, "Junk")] == ["Shop <orders@shop.test>"]
+
+
+def test_aligned_signed_mail_is_delivered_with_our_authentication_results(
+    checked: RunningServer, dns_server: DnsServer
+) -> None:
+    key = ed25519_key()
+    publish(dns_server, "k1._domainkey.news.test", key.record)
+    forged = "Authentication-Results: mail.example.test; dmarc=pass header.from=bank.test\r\n"
+    signed = sign(message("News <letters@news.test>"), key, "k1", domain="news.test")
+    code, _ = send(checked, "bounce@news.test", forged.encode() + signed)
+    assert code == 250
+    raw = checked.message(BOB, 1).decode()
+    head = raw.split("\r\n\r\n", 1)[0]
+    assert head.count("Authentication-Results:") == 1  # ours; the forgery claiming our authserv-id is gone
+    assert "Authentication-Results: mail.example.test;\r\n\tspf=pass smtp.mailfrom=news.test" in head
+    assert "dkim=pass header.d=news.test" in head and "dmarc=pass" in head
+    assert "header.from=bank.test" not in head
+
+
+def test_dns_outage_defers_instead_of_guessing(checked: RunningServer, dns_server: DnsServer) -> None:
+    dns_server.servfail.add("_dmarc.bank.test")
+    code, text = send(checked, "alerts@bank.test", message("alerts@bank.test"))
+    assert code == 451 and text.startswith(b"4.7.1")
+
+
+def test_submission_and_trusted_networks_skip_the_sender_checks(server: RunningServer, dns_server: DnsServer) -> None:
+    dns_server.add(ZONE)  # default test servers trust loopback
+    code, _ = send(server, "x@attacker.test", message("Bank <alerts@bank.test>"))
+    assert code == 250
+    assert "Authentication-Results" not in server.message(BOB, 1).decode()
