@@ -64,6 +64,17 @@ def _check_str_list(key: str, value: Any) -> None:
             raise ConfigError(key, f"expected non-empty strings, got {item!r}")
 
 
+def _check_zones(key: str, value: Any) -> None:
+    from mailwarden.checks.dnsbl import DnsblConfigError, parse_zones
+
+    if not all(isinstance(item, dict) for item in value):
+        raise ConfigError(key, 'expected a list of tables, e.g. [{ preset = "spamhaus-zen" }]')
+    try:
+        parse_zones(value)
+    except DnsblConfigError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 # Production defaults. `init --dev` overrides the listen.* keys only.
 OPTIONS: tuple[Option, ...] = (
     Option(
@@ -230,6 +241,20 @@ OPTIONS: tuple[Option, ...] = (
         [],
         "ARC sealer domains (e.g. a mailing list host) whose passing chain overrides a DMARC failure.",
         validator=_check_str_list,
+    ),
+    Option(
+        "dnsbl.zones",
+        list,
+        [],
+        'Block lists: IP zones are asked about the client at RCPT, domain zones about the HELO and MAIL FROM domains and the links in the body. E.g. [{ preset = "spamhaus-zen" }, { preset = "spamhaus-dbl" }]; see docs/inbound.md. Spamhaus refuses queries through public resolvers, so point dns.servers at your own.',
+        validator=_check_zones,
+    ),
+    Option(
+        "dnsbl.max_body_lookups",
+        int,
+        20,
+        "Block list queries for links in one message body (domains x zones).",
+        minimum=0,
     ),
     Option("log.level", str, "info", "Log level.", choices=("debug", "info", "warning", "error")),
 )

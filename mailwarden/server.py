@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailwarden.checks.dnsbl import parse_zones
 from mailwarden.config import Config
 from mailwarden.dns import resolver_from_config
 from mailwarden.endpoints.smtp import ROLES, InboundChecks, SmtpServices, SmtpSession
@@ -144,6 +145,8 @@ def inbound_checks(config: Config) -> InboundChecks | None:
         junk_score=config.get("inbound.junk_score"),
         reject_score=config.get("inbound.reject_score"),
         trusted_arc_sealers=tuple(d.lower() for d in config.get("inbound.trusted_arc_sealers")),
+        zones=tuple(parse_zones(config.get("dnsbl.zones"))),
+        max_body_lookups=config.get("dnsbl.max_body_lookups"),
     )
     trusted = tuple(ipaddress.ip_network(n, strict=False) for n in config.get("inbound.trusted_networks"))
     return InboundChecks(resolver_from_config(config), policy, trusted)

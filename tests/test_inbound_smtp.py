@@ -85,3 +85,49 @@ def test_submission_and_trusted_networks_skip_the_sender_checks(server: RunningS
     code, _ = send(server, "x@attacker.test", message("Bank <alerts@bank.test>"))
     assert code == 250
     assert "Authentication-Results" not in server.message(BOB, 1).decode()
+
+
+BLOCKLIST = """
+2.0.0.127.zen.test. 300 IN A 127.0.0.2
+bad-domain.test.dbl.test. 300 IN A 127.0.1.2
+test.dbl.test. 300 IN A 127.0.1.2
+"""
+ZONES = [
+    {"preset": "spamhaus-zen", "name": "zen.test"},
+    {"preset": "spamhaus-dbl", "name": "dbl.test"},
+]
+
+
+def test_listed_client_is_refused_at_rcpt_naming_the_zone(server_factory, dns_server: DnsServer) -> None:  # type: ignore[no-untyped-def]
+    # The client connects from 127.0.0.2, the address every RFC 5782 list must list (as SBL here).
+    dns_server.add(BLOCKLIST)
+    server = server_factory({"inbound.trusted_networks": [], "dnsbl.zones": ZONES})
+    with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30, source_address=("127.0.0.2", 0)) as c:
+        c.ehlo("mx.sender.test")
+        c.mail("someone@sender.test")
+        code, text = c.rcpt(BOB)
+    assert code == 554 and text.startswith(b"5.7.1")
+    assert b"127.0.0.2 is listed in zen.test" in text
+
+
+def test_a_zone_that_lists_everything_is_ignored_not_obeyed(server_factory, dns_server: DnsServer) -> None:  # type: ignore[no-untyped-def]
+    # 127.0.0.1 is the RFC 5782 negative test entry: a zone listing it lists everything.
+    dns_server.add(BLOCKLIST + "1.0.0.127.zen.test. 300 IN A 127.0.0.4\n")
+    server = server_factory({"inbound.trusted_networks": [], "dnsbl.zones": ZONES})
+    with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as c:
+        c.ehlo("mx.sender.test")
+        c.mail("someone@sender.test")
+        assert c.rcpt(BOB)[0] == 250
+
+
+def test_listed_sender_domain_is_refused_and_unlisted_passes(server_factory, dns_server: DnsServer) -> None:  # type: ignore[no-untyped-def]
+    dns_server.add(BLOCKLIST)
+    server = server_factory({"inbound.trusted_networks": [], "dnsbl.zones": ZONES})
+    with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as c:
+        c.ehlo("mx.sender.test")
+        c.mail("spammer@bad-domain.test")
+        code, text = c.rcpt(BOB)
+        assert code == 554 and b"bad-domain.test is listed in dbl.test" in text
+        c.rset()
+        c.mail("someone@good.test")
+        assert c.rcpt(BOB)[0] == 250

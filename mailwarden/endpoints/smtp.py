@@ -31,7 +31,8 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _AuthMechAttr
 
-from mailwarden.checks.result import Action
+from mailwarden.checks.dnsbl import check_domain, check_ip
+from mailwarden.checks.result import Action, CheckResult
 from mailwarden.config import Config
 from mailwarden.dns.resolver import Resolver
 from mailwarden.logs import log_event
@@ -184,6 +185,8 @@ class SmtpSession(SMTP):
         self.user: str | None = None
         self.owned: set[str] = set()
         self.resolutions: list[Resolution] = []
+        self.ip_reputation: CheckResult | None = None  # the client IP's block list result, once per session
+        self.early_results: list[CheckResult] | None = None  # block list results of this transaction
         self._closing = False
 
     # ---- connection ------------------------------------------------------
@@ -341,7 +344,6 @@ class SmtpSession(SMTP):
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self._set_rset_state()
-        self.resolutions = []
         self.session.extended_smtp = True  # type: ignore[union-attr]
         self.session.host_name = hostname  # type: ignore[union-attr]
         caps = ["PIPELINING", f"SIZE {self.cfg_max_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
@@ -369,6 +371,12 @@ class SmtpSession(SMTP):
     def _set_rset_state(self) -> None:
         super()._set_rset_state()
         self.resolutions = []
+        self.early_results = None
+
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()
+        self.resolutions = []
+        self.early_results = None
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # Plain <local@domain> addresses skip the (slow) stdlib header parser.
@@ -419,9 +427,43 @@ class SmtpSession(SMTP):
             self._reject(reason)
             log_event("reject", sid=self.sid, ip=self.ip, reason=reason, rcpt=clean_text(address))
             return reply.line()
+        refusal = await self._reputation_refusal()
+        if refusal is not None:
+            return refusal
         env.rcpt_tos.append(address)
         self.resolutions.append(res)
         return "250 2.1.5 Recipient OK"
+
+    def _checks_apply(self) -> InboundChecks | None:
+        inbound = self.services.inbound
+        if self.role != "mx" or self.session.authenticated or inbound is None or not inbound.applies_to(self.ip):  # type: ignore[union-attr]
+            return None
+        return inbound
+
+    async def _reputation_refusal(self) -> str | None:
+        """Block lists for the client IP (once per session) and the HELO and MAIL FROM
+        domains (once per transaction), asked at the first RCPT like Postfix's
+        reject_rbl_client, so the log line has the sender and recipient. A listing
+        whose zone says reject is refused here, naming the zone; others count later."""
+        inbound = self._checks_apply()
+        if inbound is None or not inbound.policy.zones:
+            return None
+        if self.early_results is None:
+            zones, resolver = inbound.policy.zones, inbound.resolver
+            env = self.envelope
+            sender = "" if env is None or env.mail_from == "<>" else (env.mail_from or "")
+            if self.ip_reputation is None:
+                self.ip_reputation = await check_ip(self.ip, zones, resolver)
+            lookups = [check_domain(self.session.host_name or "", zones, resolver)]  # type: ignore[union-attr]
+            if sender:
+                lookups.append(check_domain(sender, zones, resolver))
+            self.early_results = [self.ip_reputation, *await asyncio.gather(*lookups)]
+        for result in self.early_results:
+            if result.action is Action.REJECT:
+                self._reject("dnsbl")
+                log_event("reject", sid=self.sid, ip=self.ip, reason="dnsbl", detail=result.reason)
+                return f"554 5.7.1 Service unavailable; {clean_text(result.reason, 300)}"
+        return None
 
     # ---- DATA --------------------------------------------------------------
 
@@ -470,14 +512,12 @@ class SmtpSession(SMTP):
         except SmtpReply as refused:
             reply = refused.line()
         self._set_post_data_state()
-        self.resolutions = []
         await self.push(reply)
 
     async def _refuse_data(self, error: DataError) -> None:
         self._reject(error.value)
         log_event("reject", sid=self.sid, ip=self.ip, reason=error.value)
         self._set_post_data_state()
-        self.resolutions = []
         if error is DataError.BARE_NEWLINE:
             # The client's framing disagrees with ours; nothing after this can be trusted.
             await self.push("550 5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF")
@@ -503,8 +543,8 @@ class SmtpSession(SMTP):
                 raise
             prefix += ensure_message_id(header_block, self.hostname)
         mailbox = "INBOX"
-        inbound = self.services.inbound
-        if self.role == "mx" and not self.session.authenticated and inbound and inbound.applies_to(self.ip):  # type: ignore[union-attr]
+        inbound = self._checks_apply()
+        if inbound is not None:
             message, mailbox = await self._run_checks(inbound, message, sender)
         qid = new_queue_id()
         local: dict[str, str] = {}
@@ -570,6 +610,7 @@ class SmtpSession(SMTP):
             InboundEnvelope(self.ip, self.session.host_name or "", sender, tuple(env.rcpt_tos)),  # type: ignore[union-attr]
             inbound.resolver,
             policy,
+            self.early_results or (),
         )
         log_event(
             "verdict",

@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mailwarden.checks.arc import evaluate_arc
 from mailwarden.checks.dkim import evaluate_dkim
 from mailwarden.checks.dmarc import DkimIdentity, SpfIdentity, evaluate_dmarc
+from mailwarden.checks.dnsbl import DnsblZone
 from mailwarden.checks.from_header import FromHeaderError, parse_author
 from mailwarden.checks.result import Action, CheckResult
 from mailwarden.checks.spf import evaluate_spf
+from mailwarden.checks.uribl import check_body
 from mailwarden.dns.resolver import Resolver
 from mailwarden.pipeline.auth_results import render_auth_results, strip_claimed_auth_results
 from mailwarden.protocol.smtp_reply import SmtpReply
@@ -65,6 +67,8 @@ class InboundPolicy:
     reject_score: float = 10.0
     trusted_arc_sealers: tuple[str, ...] = ()
     local_domains: frozenset[str] = frozenset()  # our hosted domains, for impersonation checks
+    zones: tuple[DnsblZone, ...] = ()  # domain zones are asked about the links in the body
+    max_body_lookups: int = 20
 
 
 @dataclass
@@ -110,12 +114,20 @@ class Verdict:
 
 
 async def evaluate_message(
-    message: bytes, envelope: InboundEnvelope, resolver: Resolver, policy: InboundPolicy
+    message: bytes,
+    envelope: InboundEnvelope,
+    resolver: Resolver,
+    policy: InboundPolicy,
+    earlier: Sequence[CheckResult] = (),
 ) -> tuple[Verdict, bytes]:
-    """The verdict, and the message with forged Authentication-Results removed and ours prepended."""
+    """The verdict, and the message with forged Authentication-Results removed and ours prepended.
+
+    `earlier` are results from the connect/mail/rcpt stages (block lists) that
+    did not refuse at the time but count in the verdict.
+    """
     started = time.monotonic()
     cleaned, removed = strip_claimed_auth_results(message, policy.authserv_id)
-    results: list[CheckResult] = []
+    results: list[CheckResult] = list(earlier)
     try:
         author = parse_author(cleaned)
     except FromHeaderError as exc:
@@ -125,12 +137,13 @@ async def evaluate_message(
         impersonation = display_name_impersonation(author.display_name, author.domain, policy.local_domains)
         if impersonation is not None:
             results.append(impersonation)
-    spf, dkim, arc = await asyncio.gather(
+    spf, dkim, arc, links = await asyncio.gather(
         evaluate_spf(envelope.ip, envelope.helo, envelope.mail_from, resolver, receiver=policy.authserv_id),
         evaluate_dkim(cleaned, resolver),
         evaluate_arc(cleaned, resolver, trusted_sealers=policy.trusted_arc_sealers, remote_ip=envelope.ip),
+        check_body(cleaned, policy.zones, resolver, max_lookups=policy.max_body_lookups),
     )
-    results += [spf, dkim, arc]
+    results += [spf, dkim, arc, links]
     if author is not None:
         spf_identity = SpfIdentity(
             spf.result,
@@ -192,7 +205,13 @@ def merge(results: list[CheckResult], policy: InboundPolicy) -> Verdict:
     for r in results:
         meaning = policy.actions.get(_policy_key(r))
         if meaning is None:
-            continue
+            # Block lists carry their own meaning per answer code (zone config).
+            if r.action is not Action.NONE:
+                meaning = r.action.value
+            elif r.score:
+                meaning = r.score
+            else:
+                continue
         if r.check == "dmarc" and arc_override and r.result == "fail":
             reasons.append(f"dmarc fail overridden by a trusted ARC sealer ({r.reason})")
             continue
