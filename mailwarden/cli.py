@@ -370,11 +370,21 @@ def cmd_queue_delete(args: argparse.Namespace) -> None:
     print(f"deleted {args.queue_id.upper()} ({n} recipient{'s' if n != 1 else ''})")
 
 
+async def _local_domains(paths: InstancePaths) -> list[str]:
+    store = await open_store(paths)
+    try:
+        return await store.list_domains()
+    finally:
+        await store.close()
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
+    import dataclasses
     import json
 
     from mailwarden.dns.resolver import Resolver
-    from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message
+    from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message, evaluate_reputation
+    from mailwarden.server import inbound_checks
 
     paths = _paths(args)
     cfg = config_mod.load(paths.config) if paths.config.exists() else config_mod.validate({}, paths.root)
@@ -391,8 +401,17 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         servers = [config_mod.parse_address("dns.servers", s) for s in cfg.get("dns.servers")] or None
     resolver = Resolver(servers, timeout=cfg.get("dns.timeout"))
     envelope = InboundEnvelope(args.ip, args.helo, args.mail_from, tuple(args.rcpt))
-    policy = InboundPolicy(authserv_id=cfg.get("server.hostname"))
-    verdict, _ = asyncio.run(evaluate_message(message, envelope, resolver, policy))
+    checks = inbound_checks(cfg)
+    policy = checks.policy if checks else InboundPolicy(authserv_id=cfg.get("server.hostname"))
+    if paths.database.exists():
+        domains = asyncio.run(_local_domains(paths))
+        policy = dataclasses.replace(policy, local_domains=frozenset(domains))
+
+    async def run() -> Any:
+        earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)
+        return await evaluate_message(message, envelope, resolver, policy, earlier)
+
+    verdict, _ = asyncio.run(run())
     if args.json:
         print(json.dumps(verdict.as_dict(), indent=2))
         return

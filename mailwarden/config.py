@@ -58,6 +58,12 @@ def _check_networks(key: str, value: Any) -> None:
             raise ConfigError(key, f"not a network: {item!r} (expected CIDR like 192.0.2.0/24)") from None
 
 
+def _check_choices(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    for item in value:
+        if item not in allowed:
+            raise ConfigError(key, f"unknown check {item!r}; expected some of {', '.join(allowed)}")
+
+
 def _check_str_list(key: str, value: Any) -> None:
     for item in value:
         if not isinstance(item, str) or not item:
@@ -218,6 +224,13 @@ OPTIONS: tuple[Option, ...] = (
         bool,
         True,
         "Run the inbound checks (SPF, DKIM, ARC, DMARC) on mail arriving on the MX listener from unauthenticated, untrusted clients.",
+    ),
+    Option(
+        "inbound.disabled_checks",
+        list,
+        [],
+        'Checks not to run, from "spf", "dkim", "arc", "dmarc", "dnsbl", "uribl". Every check runs by default.',
+        validator=lambda key, value: _check_choices(key, value, ("spf", "dkim", "arc", "dmarc", "dnsbl", "uribl")),
     ),
     Option(
         "inbound.actions",

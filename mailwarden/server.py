@@ -147,6 +147,7 @@ def inbound_checks(config: Config) -> InboundChecks | None:
         trusted_arc_sealers=tuple(d.lower() for d in config.get("inbound.trusted_arc_sealers")),
         zones=tuple(parse_zones(config.get("dnsbl.zones"))),
         max_body_lookups=config.get("dnsbl.max_body_lookups"),
+        disabled=frozenset(config.get("inbound.disabled_checks")),
     )
     trusted = tuple(ipaddress.ip_network(n, strict=False) for n in config.get("inbound.trusted_networks"))
     return InboundChecks(resolver_from_config(config), policy, trusted)

@@ -131,3 +131,31 @@ def test_listed_sender_domain_is_refused_and_unlisted_passes(server_factory, dns
         c.rset()
         c.mail("someone@good.test")
         assert c.rcpt(BOB)[0] == 250
+
+
+@pytest.mark.parametrize(
+    "mail_from",
+    ['<"alerts@bank.test"@attacker.test>', "<alerts@bank.test(comment)>", "<@bank.test:x@attacker.test>"],
+    ids=["quoted", "parentheses", "route"],
+)
+def test_mail_from_tricks_end_in_a_refusal(checked: RunningServer, mail_from: str) -> None:
+    """The envelope sender cannot lend a forged From header a pass."""
+    with smtplib.SMTP("127.0.0.1", checked.ports["mx"], timeout=30) as c:
+        c.ehlo("mx.sender.test")
+        code, _ = c.docmd("MAIL", f"FROM:{mail_from}")
+        if code != 250:
+            assert 500 <= code < 600  # refused at MAIL
+            return
+        assert c.rcpt(BOB)[0] == 250
+        code, text = c.data(message("Bank <alerts@bank.test>"))
+    assert (code, text[:5]) == (550, b"5.7.1")
+    assert checked.inbox(BOB) == []
+
+
+def test_disabled_checks_do_not_run(server_factory, dns_server: DnsServer) -> None:  # type: ignore[no-untyped-def]
+    dns_server.add(ZONE)
+    server = server_factory({"inbound.trusted_networks": [], "inbound.disabled_checks": ["dmarc", "spf"]})
+    code, _ = send(server, "x@attacker.test", message("Bank <alerts@bank.test>"))
+    assert code == 250  # without DMARC nothing refuses this forgery: the administrator chose so
+    head = server.message(BOB, 1).decode().split("\r\n\r\n", 1)[0]
+    assert "dmarc=" not in head and "spf=" not in head and "dkim=none" in head

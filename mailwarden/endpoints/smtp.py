@@ -31,7 +31,6 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _AuthMechAttr
 
-from mailwarden.checks.dnsbl import check_domain, check_ip
 from mailwarden.checks.result import Action, CheckResult
 from mailwarden.config import Config
 from mailwarden.dns.resolver import Resolver
@@ -39,7 +38,7 @@ from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
 from mailwarden.pipeline.filing import Filer
 from mailwarden.pipeline.headers import received_header
-from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message
+from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message, evaluate_reputation
 from mailwarden.pipeline.recipients import check_recipient
 from mailwarden.pipeline.submission import (
     check_from_header,
@@ -446,18 +445,21 @@ class SmtpSession(SMTP):
         reject_rbl_client, so the log line has the sender and recipient. A listing
         whose zone says reject is refused here, naming the zone; others count later."""
         inbound = self._checks_apply()
-        if inbound is None or not inbound.policy.zones:
+        if inbound is None:
             return None
         if self.early_results is None:
-            zones, resolver = inbound.policy.zones, inbound.resolver
             env = self.envelope
             sender = "" if env is None or env.mail_from == "<>" else (env.mail_from or "")
-            if self.ip_reputation is None:
-                self.ip_reputation = await check_ip(self.ip, zones, resolver)
-            lookups = [check_domain(self.session.host_name or "", zones, resolver)]  # type: ignore[union-attr]
-            if sender:
-                lookups.append(check_domain(sender, zones, resolver))
-            self.early_results = [self.ip_reputation, *await asyncio.gather(*lookups)]
+            self.early_results = await evaluate_reputation(
+                self.ip,
+                self.session.host_name or "",  # type: ignore[union-attr]
+                sender,
+                inbound.policy,
+                inbound.resolver,
+                self.ip_reputation,
+            )
+            if self.early_results:
+                self.ip_reputation = self.early_results[0]
         for result in self.early_results:
             if result.action is Action.REJECT:
                 self._reject("dnsbl")

@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mailwarden.checks.arc import evaluate_arc
 from mailwarden.checks.dkim import evaluate_dkim
 from mailwarden.checks.dmarc import DkimIdentity, SpfIdentity, evaluate_dmarc
-from mailwarden.checks.dnsbl import DnsblZone
+from mailwarden.checks.dnsbl import DnsblZone, check_domain, check_ip
 from mailwarden.checks.from_header import FromHeaderError, parse_author
 from mailwarden.checks.result import Action, CheckResult
 from mailwarden.checks.spf import evaluate_spf
@@ -69,6 +69,7 @@ class InboundPolicy:
     local_domains: frozenset[str] = frozenset()  # our hosted domains, for impersonation checks
     zones: tuple[DnsblZone, ...] = ()  # domain zones are asked about the links in the body
     max_body_lookups: int = 20
+    disabled: frozenset[str] = frozenset()  # checks not to run: "spf", "dkim", "arc", "dmarc", "uribl", "dnsbl"
 
 
 @dataclass
@@ -137,14 +138,23 @@ async def evaluate_message(
         impersonation = display_name_impersonation(author.display_name, author.domain, policy.local_domains)
         if impersonation is not None:
             results.append(impersonation)
+    off = policy.disabled
     spf, dkim, arc, links = await asyncio.gather(
-        evaluate_spf(envelope.ip, envelope.helo, envelope.mail_from, resolver, receiver=policy.authserv_id),
-        evaluate_dkim(cleaned, resolver),
-        evaluate_arc(cleaned, resolver, trusted_sealers=policy.trusted_arc_sealers, remote_ip=envelope.ip),
-        check_body(cleaned, policy.zones, resolver, max_lookups=policy.max_body_lookups),
+        _maybe(
+            "spf",
+            off,
+            evaluate_spf(envelope.ip, envelope.helo, envelope.mail_from, resolver, receiver=policy.authserv_id),
+        ),
+        _maybe("dkim", off, evaluate_dkim(cleaned, resolver)),
+        _maybe(
+            "arc",
+            off,
+            evaluate_arc(cleaned, resolver, trusted_sealers=policy.trusted_arc_sealers, remote_ip=envelope.ip),
+        ),
+        _maybe("uribl", off, check_body(cleaned, policy.zones, resolver, max_lookups=policy.max_body_lookups)),
     )
-    results += [spf, dkim, arc, links]
-    if author is not None:
+    results += [r for r in (spf, dkim, arc, links) if r.result != "off"]
+    if author is not None and "dmarc" not in off:
         spf_identity = SpfIdentity(
             spf.result,
             str(spf.details.get("domain", "")),
@@ -188,6 +198,38 @@ def display_name_impersonation(
             reason=f"display name shows {match.group(0)} but the address is in {author_domain}",
         )
     return None
+
+
+async def _maybe(name: str, disabled: frozenset[str], work: Awaitable[CheckResult]) -> CheckResult:
+    """Run a check unless the administrator turned it off."""
+    if name in disabled:
+        if isinstance(work, Coroutine):
+            work.close()  # never started
+        return CheckResult(check=name, result="off", reason="disabled in config")
+    return await work
+
+
+async def evaluate_reputation(
+    ip: str,
+    helo: str,
+    sender: str,
+    policy: InboundPolicy,
+    resolver: Resolver,
+    ip_result: CheckResult | None = None,
+) -> list[CheckResult]:
+    """The block list stage: the client IP, and the HELO and MAIL FROM domains.
+
+    The endpoint asks at the first RCPT (and refuses a reject there); `inspect`
+    asks before the data stage. `ip_result` reuses a session's earlier answer.
+    """
+    if not policy.zones or "dnsbl" in policy.disabled:
+        return []
+    if ip_result is None:
+        ip_result = await check_ip(ip, policy.zones, resolver)
+    lookups = [check_domain(helo, policy.zones, resolver)]
+    if sender:
+        lookups.append(check_domain(sender, policy.zones, resolver))
+    return [ip_result, *await asyncio.gather(*lookups)]
 
 
 def _policy_key(result: CheckResult) -> str:
