@@ -130,6 +130,7 @@ async def recover_all_spools(config: Config, paths: InstancePaths, store: SqlSto
             total += await recover_spool(spool, filer)
         finally:
             await filer.stop()
+            await spool.stop()
     return total
 
 
@@ -231,7 +232,6 @@ class Server:
             await server.wait_closed()
         await self.filer.drained()
         await self.spool.stop()
-        await self.spool.checkpoint()
         await self.filer.stop()
         self.metrics.stop()
         await self.store.close()

@@ -33,7 +33,7 @@ def test_append_is_durable_and_recovered_until_marked_done(tmp_path: Path) -> No
         spool.start()
         await asyncio.gather(*(spool.append(f"Q{i}", {"sender": ""}, b"m%d" % i) for i in range(10)))
         spool.mark_done("Q3")
-        await spool.stop()  # no checkpoint: the segment still holds all ten
+        await spool.stop()  # its checkpoint keeps the segment: nine records are not filed
 
     asyncio.run(write())
     recovered = Spool(tmp_path, 1 << 20, 64).recover()
