@@ -39,6 +39,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=self.registry,
         )
+        self.check_alerts = Counter(
+            "mailwarden_check_alerts",
+            "Block list answers that are errors, not listings (misconfigured zone, refused resolver): fix the config",
+            ["check", "zone"],
+            registry=self.registry,
+        )
         self._server = None
 
     def serve(self, host: str, port: int) -> int:

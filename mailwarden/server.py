@@ -184,7 +184,15 @@ class Server:
         await recover_spool(self.spool, self.filer)
         self.spool.start()
         services = SmtpServices(
-            cfg, self.store, make_hashing(cfg), self.spool, self.filer, self.metrics, self.tls, inbound_checks(cfg)
+            cfg,
+            self.store,
+            make_hashing(cfg),
+            self.spool,
+            self.filer,
+            self.metrics,
+            self.tls,
+            inbound_checks(cfg),
+            reports=self.store,
         )
         loop = asyncio.get_running_loop()
         sockets = bind_listeners(cfg) if standalone else dict(self.sockets or {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import urllib.request
 
 import pytest
 
@@ -118,6 +119,10 @@ def test_a_zone_that_lists_everything_is_ignored_not_obeyed(server_factory, dns_
         c.ehlo("mx.sender.test")
         c.mail("someone@sender.test")
         assert c.rcpt(BOB)[0] == 250
+    # ... and the administrator sees it on /metrics.
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'mailwarden_check_alerts_total{check="dnsbl",zone="zen.test"} 1.0' in text
 
 
 def test_listed_sender_domain_is_refused_and_unlisted_passes(server_factory, dns_server: DnsServer) -> None:  # type: ignore[no-untyped-def]
@@ -159,3 +164,19 @@ def test_disabled_checks_do_not_run(server_factory, dns_server: DnsServer) -> No
     assert code == 250  # without DMARC nothing refuses this forgery: the administrator chose so
     head = server.message(BOB, 1).decode().split("\r\n\r\n", 1)[0]
     assert "dmarc=" not in head and "spf=" not in head and "dkim=none" in head
+
+
+def test_dmarc_report_data_is_kept_for_domains_that_ask(checked: RunningServer, dns_server: DnsServer) -> None:
+    """rua= domains get a row per message, refused ones included; others get none."""
+    dns_server.add('_dmarc.reports.test. 300 IN TXT "v=DMARC1; p=reject; rua=mailto:agg@reports.test"\n')
+    dns_server.add('reports.test. 300 IN TXT "v=spf1 ip4:127.0.0.1 -all"\n')
+    assert send(checked, "a@reports.test", message("a@reports.test"))[0] == 250  # SPF-aligned pass
+    assert send(checked, "x@attacker.test", message("a@reports.test"))[0] == 550  # forgery, refused
+    assert send(checked, "x@attacker.test", message("Shop <orders@shop.test>"))[0] == 250  # no rua: no row
+    checked.wait_filed()
+    rows = checked.call(checked.server.store.dmarc_records(0.0))
+    assert sorted((r.header_from, r.disposition, r.spf_aligned, r.source_ip) for r in rows) == [
+        ("reports.test", "none", "pass", "127.0.0.1"),
+        ("reports.test", "reject", "fail", "127.0.0.1"),
+    ]
+    assert all(r.policy_domain == "reports.test" for r in rows)

@@ -26,6 +26,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from mailwarden.pipeline.filing import Filer
 from mailwarden.pipeline.headers import received_header
 from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message, evaluate_reputation
 from mailwarden.pipeline.recipients import check_recipient
+from mailwarden.pipeline.reports import dmarc_record
 from mailwarden.pipeline.submission import (
     check_from_header,
     check_sender,
@@ -50,7 +52,7 @@ from mailwarden.protocol.smtp_data import BodyChunk, DataError, DataFramer, EndO
 from mailwarden.protocol.smtp_reply import SmtpReply, clean_text, render_reply
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
-from mailwarden.storage.interfaces import Accounts, Resolution
+from mailwarden.storage.interfaces import Accounts, DmarcStore, Resolution
 from mailwarden.storage.spool import Spool, SpoolRecord, SpoolWriteError
 
 log = logging.getLogger("mailwarden.smtp")
@@ -80,6 +82,7 @@ class SmtpServices:
     metrics: Metrics
     tls: ServerTls
     inbound: InboundChecks | None = None  # None: inbound.checks is off
+    reports: DmarcStore | None = None
 
 
 @dataclass
@@ -186,6 +189,7 @@ class SmtpSession(SMTP):
         self.resolutions: list[Resolution] = []
         self.ip_reputation: CheckResult | None = None  # the client IP's block list result, once per session
         self.early_results: list[CheckResult] | None = None  # block list results of this transaction
+        self._dmarc_report: dict[str, Any] | None = None  # this message's DMARC data, if its domain wants reports
         self._closing = False
 
     # ---- connection ------------------------------------------------------
@@ -439,6 +443,12 @@ class SmtpSession(SMTP):
             return None
         return inbound
 
+    def _count_alerts(self, results: Iterable[CheckResult]) -> None:
+        """Block list errors are the administrator's to fix: count them per zone for alerting."""
+        for result in results:
+            for error in result.details.get("errors", ()):
+                self.services.metrics.check_alerts.labels(result.check, error.get("zone", "?")).inc()
+
     async def _reputation_refusal(self) -> str | None:
         """Block lists for the client IP (once per session) and the HELO and MAIL FROM
         domains (once per transaction), asked at the first RCPT like Postfix's
@@ -460,6 +470,7 @@ class SmtpSession(SMTP):
             )
             if self.early_results:
                 self.ip_reputation = self.early_results[0]
+            self._count_alerts(self.early_results)
         for result in self.early_results:
             if result.action is Action.REJECT:
                 self._reject("dnsbl")
@@ -579,6 +590,9 @@ class SmtpSession(SMTP):
             "listener": self.role,
             "time": time.time(),
         }
+        if self._dmarc_report is not None:
+            envelope["dmarc"] = self._dmarc_report
+            self._dmarc_report = None
         try:
             await self.services.spool.append(qid, envelope, data)
         except SpoolWriteError as exc:
@@ -625,10 +639,18 @@ class SmtpSession(SMTP):
             reasons="; ".join(verdict.reasons) or None,
             ms=round(verdict.elapsed * 1000, 1),
         )
+        self._count_alerts(r for r in verdict.results if r.check == "uribl")
+        report = next((r.details for r in verdict.results if r.check == "dmarc" and r.details.get("rua")), None)
         reply = verdict.smtp_reply()
         if reply is not None:
             self._reject(f"verdict_{verdict.action.value}")
+            if report is not None and self.services.reports is not None:
+                # A refused message never reaches the spool; its report row is written now.
+                await self.services.reports.record_dmarc(
+                    [dmarc_record(f"refused-{new_queue_id()}", time.time(), self.ip, report)]
+                )
             raise reply
+        self._dmarc_report = report  # filed with the message, for aggregate reports
         # Quarantine is held in Junk until the quarantine store lands.
         folder = "Junk" if verdict.action in (Action.JUNK, Action.QUARANTINE) else "INBOX"
         return checked, folder

@@ -12,6 +12,7 @@ import logging
 
 from mailwarden.logs import log_event
 from mailwarden.pipeline.headers import return_path
+from mailwarden.pipeline.reports import dmarc_record
 from mailwarden.storage.interfaces import Delivery, DeliveryBatch, LocalDelivery, RemoteDelivery
 from mailwarden.storage.spool import Spool, SpoolRecord
 
@@ -30,6 +31,10 @@ def batch_for(records: list[SpoolRecord]) -> DeliveryBatch:
                 batch.local.append((LocalDelivery(rec.queue_id, rcpt, account, mailbox), local_body))
         for rcpt in env.get("remote", []):
             batch.remote.append((RemoteDelivery(rec.queue_id, sender, rcpt), rec.body))
+        if env.get("dmarc"):
+            batch.dmarc.append(
+                dmarc_record(rec.queue_id, float(env.get("time", 0.0)), str(env.get("ip", "")), env["dmarc"])
+            )
     return batch
 
 

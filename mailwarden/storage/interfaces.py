@@ -92,6 +92,22 @@ class DeliveryBatch:
 
     local: list[tuple[LocalDelivery, bytes]] = field(default_factory=list)
     remote: list[tuple[RemoteDelivery, bytes]] = field(default_factory=list)
+    dmarc: list[DmarcRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DmarcRecord:
+    """What a DMARC aggregate report needs about one message (RFC 7489 §7.2)."""
+
+    queue_id: str
+    received: float
+    source_ip: str
+    header_from: str
+    policy_domain: str
+    disposition: str
+    dkim_aligned: str
+    spf_aligned: str
+    details: str  # JSON
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,11 @@ class Mailboxes(Protocol):
     async def list_mailboxes(self, account: str) -> list[MailboxInfo]: ...
     async def list_messages(self, account: str, mailbox: str) -> list[MessageInfo]: ...
     async def read_message(self, account: str, mailbox: str, uid: int) -> bytes: ...
+
+
+class DmarcStore(Protocol):
+    async def record_dmarc(self, records: list[DmarcRecord]) -> None: ...
+    async def dmarc_records(self, since: float) -> list[DmarcRecord]: ...
 
 
 class Queue(Protocol):

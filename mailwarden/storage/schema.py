@@ -99,3 +99,21 @@ queue = Table(
     Column("blob", Text, nullable=False),
     UniqueConstraint("queue_id", "recipient"),
 )
+
+
+# One row per message whose DMARC policy asks for aggregate reports (rua=):
+# what RFC 7489 appendix C's <record> needs, collected when the message is filed.
+dmarc_results = Table(
+    "dmarc_results",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("queue_id", String(32), nullable=False, unique=True),
+    Column("received", Float, nullable=False, index=True),
+    Column("source_ip", String(64), nullable=False),
+    Column("header_from", String(253), nullable=False),
+    Column("policy_domain", String(253), nullable=False, index=True),
+    Column("disposition", String(16), nullable=False),
+    Column("dkim_aligned", String(8), nullable=False),
+    Column("spf_aligned", String(8), nullable=False),
+    Column("details", Text, nullable=False),  # the DMARC check's details, JSON
+)

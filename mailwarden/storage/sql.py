@@ -16,6 +16,7 @@ import email.header
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from mailwarden.storage.interfaces import (
     SPECIAL_MAILBOXES,
     Account,
     DeliveryBatch,
+    DmarcRecord,
     MailboxInfo,
     MessageInfo,
     QueueEntry,
@@ -503,6 +505,50 @@ class SqlStore:
                 )
             if rows:
                 conn.execute(insert(t.queue), rows)
+        self._insert_dmarc(conn, batch.dmarc)
+
+    @staticmethod
+    def _insert_dmarc(conn: Connection, records: list[DmarcRecord]) -> None:
+        """Once per queue id, so a spool replay adds nothing."""
+        if records:
+            known = {
+                r[0]
+                for r in conn.execute(
+                    select(t.dmarc_results.c.queue_id).where(
+                        t.dmarc_results.c.queue_id.in_({d.queue_id for d in records})
+                    )
+                )
+            }
+            fresh = [asdict(d) for d in records if d.queue_id not in known]
+            if fresh:
+                conn.execute(insert(t.dmarc_results), fresh)
+
+    async def record_dmarc(self, records: list[DmarcRecord]) -> None:
+        await self._tx(self._insert_dmarc, records)
+
+    async def dmarc_records(self, since: float) -> list[DmarcRecord]:
+        """Messages since `since` whose DMARC policy asked for aggregate reports."""
+
+        def work(conn: Connection) -> list[DmarcRecord]:
+            c = t.dmarc_results.c
+            rows = conn.execute(
+                select(
+                    c.queue_id,
+                    c.received,
+                    c.source_ip,
+                    c.header_from,
+                    c.policy_domain,
+                    c.disposition,
+                    c.dkim_aligned,
+                    c.spf_aligned,
+                    c.details,
+                )
+                .where(c.received >= since)
+                .order_by(c.received)
+            )
+            return [DmarcRecord(*r) for r in rows]
+
+        return await self._read(work)
 
     # ---- Queue ----------------------------------------------------------
 
