@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from dnslib import QTYPE, RR, TXT
 
 from mailwarden.checks.dkim import DkimSignature, evaluate_dkim, split_message
@@ -262,3 +262,22 @@ async def test_random_mutations_of_a_signed_message_never_raise(keys: dict[str, 
 def test_split_message_matches_dkimpy() -> None:
     for message in [b"", b"A: b\r\n c\r\n\td\nE:f\n\nx\ny\n", b"From x\nA: b\n\nbody", b"A: b", MESSAGE]:
         assert split_message(message) == tuple(dkim.rfc822_parse(message))
+
+
+def test_openssl_rsa_verification_agrees_with_dkimpy_pure_python(keys: dict[str, Key]) -> None:
+    """evaluate_dkim swaps dkimpy's big-integer RSA for OpenSSL's; both must give the same answers."""
+    import hashlib
+
+    from mailwarden.checks import dkim as ours
+
+    for name in ("rsa2048", "rsa1024"):
+        private = serialization.load_pem_private_key(keys[name].private, None)
+        numbers = private.public_key().public_numbers()  # type: ignore[union-attr]
+        public = {"modulus": numbers.n, "publicExponent": numbers.e}
+        for algo, sign_hash in (("sha256", hashes.SHA256()), ("sha1", hashes.SHA1())):
+            data = b"canonicalized headers and body hash"
+            signature = private.sign(data, padding.PKCS1v15(), sign_hash)  # type: ignore[union-attr]
+            for sig, payload in ((signature, data), (signature, data + b"!"), (bytes(len(signature)), data)):
+                expected = ours._PURE_PYTHON_VERIFY(hashlib.new(algo, payload), sig, public)
+                assert ours._openssl_rsa_verify(hashlib.new(algo, payload), sig, public) is expected
+            assert ours._openssl_rsa_verify(hashlib.new(algo, data), signature, public) is True

@@ -191,7 +191,15 @@ def _html_links(text: str) -> str:
 
 
 def _hosts(text: str) -> Iterator[str]:
-    matches = [(m.start(), _authority_host(m.group(1))) for m in _URL.finditer(text)]
+    # Each distinct authority is parsed once: mail repeats the same link many times.
+    authorities: dict[str, str] = {}
+    matches = []
+    for m in _URL.finditer(text):
+        raw = m.group(1)
+        host = authorities.get(raw)
+        if host is None:
+            host = authorities[raw] = _authority_host(raw)
+        matches.append((m.start(), host))
     matches += [(m.start(), m.group(1)) for m in _WWW.finditer(text)]
     matches.sort(key=lambda item: item[0])
     for _pos, host in matches:

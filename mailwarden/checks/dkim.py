@@ -27,6 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import parse_tag_value
 
@@ -35,8 +39,27 @@ from mailwarden.dns.resolver import DnsTempError, QueryCounter, Resolver
 
 log = logging.getLogger(__name__)
 
+
 # dkimpy logs every bad signature at ERROR; hostile mail would flood the log.
 # Its findings come back to us as data, so its own logger stays quiet.
+def _openssl_rsa_verify(digest: Any, signature: bytes, public_key: dict[str, int]) -> bool:
+    """RSASSA-PKCS1-v1_5 verification by OpenSSL (cryptography) instead of dkimpy's pure-Python
+    big-integer code: the same answer (a test compares them), about 0.3 ms less per signature."""
+    algorithm = _HASHES.get(digest.name)
+    if algorithm is None:
+        return _PURE_PYTHON_VERIFY(digest, signature, public_key)
+    try:
+        key = rsa.RSAPublicNumbers(public_key["publicExponent"], public_key["modulus"]).public_key()
+        key.verify(signature, digest.digest(), padding.PKCS1v15(), Prehashed(algorithm))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+_HASHES = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
+_PURE_PYTHON_VERIFY = dkim.RSASSA_PKCS1_v1_5_verify
+dkim.RSASSA_PKCS1_v1_5_verify = _openssl_rsa_verify  # dkimpy looks the name up in its module at call time
+
 _LIB_LOG = logging.getLogger("mailwarden.checks.dkim.dkimpy")
 _LIB_LOG.setLevel(logging.CRITICAL)
 _LIB_LOG.propagate = False
