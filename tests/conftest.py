@@ -214,15 +214,64 @@ def server_factory(tmp_path: Path, tls: TlsMaterial) -> Iterator[Any]:
 # ---- real processes -------------------------------------------------------------
 
 
-@dataclass
 class ServeProcess:
-    proc: subprocess.Popen[str]
-    ports: dict[str, int]
+    """`mailwarden serve` as a real subprocess.
+
+    Its log (stderr) is read by a thread that copies it to serve.log and wakes
+    `wait_for`, so a test waits for a log line instead of polling a file.
+    """
+
+    def __init__(self, proc: subprocess.Popen[str], ports: dict[str, int], log: Path) -> None:
+        self.proc = proc
+        self.ports = ports
+        self.log = log
+        self._lines: list[str] = []
+        self._eof = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._follow, name="serve-log", daemon=True)
+        self._reader.start()
+
+    def _follow(self) -> None:
+        assert self.proc.stderr is not None
+        with open(self.log, "a") as out:
+            for line in self.proc.stderr:
+                out.write(line)
+                out.flush()
+                with self._changed:
+                    self._lines.append(line.rstrip("\n"))
+                    self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def mark(self) -> int:
+        """The number of log lines so far: pass it as `start` to wait for lines after now."""
+        with self._changed:
+            return len(self._lines)
+
+    def wait_for(self, needles: tuple[str, ...], count: int = 1, start: int = 0, timeout: float = 30) -> list[str]:
+        """The first `count` log lines from `start` on that contain one of `needles`."""
+
+        def found() -> list[str]:
+            return [line for line in self._lines[start:] if any(n in line for n in needles)]
+
+        with self._changed:
+            self._changed.wait_for(lambda: len(found()) >= count or self._eof, timeout)
+            hits = found()
+        if len(hits) < count:
+            tail = "\n".join(self._lines[-20:])
+            raise AssertionError(f"{count} x {needles!r} not logged within {timeout}s; last lines:\n{tail}")
+        return hits[:count]
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(10)  # every log line is in serve.log once this returns
+        return code
 
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
-        return self.proc.wait(30)
+        return self.wait(30)
 
 
 def spawn_serve(root: Path) -> ServeProcess:
@@ -231,21 +280,22 @@ def spawn_serve(root: Path) -> ServeProcess:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailwarden", "--dir", str(root), "serve"],
         stdout=subprocess.PIPE,
-        stderr=open(root / "serve.log", "a"),  # noqa: SIM115
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
         start_new_session=True,  # its own process group, so a test can kill -9 every worker at once
     )
+    serve = ServeProcess(proc, {}, root / "serve.log")
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("event=ready"):
         proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}; log: {(root / 'serve.log').read_text()[-2000:]}")
-    ports = {}
+        serve.wait(10)
+        raise RuntimeError(f"server did not start: {line!r}; log: {serve.log.read_text()[-2000:]}")
     for part in line.split()[1:]:
         name, _, addr = part.partition("=")
-        ports[name] = int(addr.rpartition(":")[2])
-    return ServeProcess(proc, ports)
+        serve.ports[name] = int(addr.rpartition(":")[2])
+    return serve
 
 
 # ---- DNS ------------------------------------------------------------------------

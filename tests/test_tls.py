@@ -17,7 +17,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -466,28 +465,6 @@ def assert_starttls_drops_pipelined_plaintext(port: int, tls: TlsMaterial) -> No
 # ---- certificate reload on SIGHUP, clean stop on SIGTERM (real processes) ------------------
 
 
-def wait_for_log(path: Path, needles: tuple[str, ...], start: int, count: int = 1, timeout: float = 30) -> list[str]:
-    """Read `path` from byte `start` until `count` complete lines contain one of `needles`."""
-    deadline = time.monotonic() + timeout
-    text = ""
-    with path.open("r", errors="replace") as f:
-        f.seek(start)
-        while time.monotonic() < deadline:
-            chunk = f.read()
-            if not chunk:
-                time.sleep(0.02)
-                continue
-            text += chunk
-            found = [
-                line.rstrip("\n")
-                for line in text.splitlines(keepends=True)
-                if line.endswith("\n") and any(n in line for n in needles)
-            ]
-            if len(found) >= count:
-                return found
-    raise AssertionError(f"{count} x {needles!r} not logged within {timeout}s; log since: {text[-2000:]!r}")
-
-
 def serial_on(port: int, ca: trustme.CA) -> int:
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
@@ -507,10 +484,10 @@ def stop_process(serve: ServeProcess, sig: int = signal.SIGTERM, timeout: float 
         if serve.proc.poll() is None:
             serve.proc.send_signal(sig)
         try:
-            return serve.proc.wait(timeout)
+            return serve.wait(timeout)
         except subprocess.TimeoutExpired:
             serve.proc.kill()  # workers follow: they get SIGTERM when the supervisor dies
-            serve.proc.wait(10)
+            serve.wait(10)
             return None
     finally:
         assert serve.proc.stdout is not None
@@ -557,15 +534,15 @@ def test_sighup_reloads_certificate_and_sigterm_exits_cleanly(tmp_path: Path, wo
         if workers > 1:
             # `event=ready` comes before the workers have their signal handlers
             # (see test_sighup_right_after_ready_reloads_every_worker); wait for them.
-            wait_for_log(inst.log, ("event=worker_started",), 0, count=workers)
+            serve.wait_for(("event=worker_started",), count=workers)
         port = serve.ports["submissions"]
         assert serial_on(port, inst.ca) == serial_of(inst.first)
         assert serial_of(inst.second) != serial_of(inst.first)
 
         inst.swap()
-        offset = inst.log.stat().st_size
+        offset = serve.mark()
         serve.proc.send_signal(signal.SIGHUP)
-        lines = wait_for_log(inst.log, ("event=tls_reloaded", "event=tls_reload_failed"), offset, count=workers)
+        lines = serve.wait_for(("event=tls_reloaded", "event=tls_reload_failed"), start=offset, count=workers)
         assert all("event=tls_reloaded" in line and str(inst.live.cert) in line for line in lines), lines
 
         for _ in range(2 * workers):  # the kernel spreads connections over the workers
@@ -595,8 +572,8 @@ def test_sighup_right_after_ready_reloads_every_worker(tmp_path: Path) -> None:
     try:
         inst.swap()
         serve.proc.send_signal(signal.SIGHUP)  # an admin renewing a certificate during start-up
-        wait_for_log(inst.log, ("event=worker_started",), 0, count=2)
-        lines = wait_for_log(inst.log, ("event=tls_reloaded", "event=worker_exited"), 0, count=2, timeout=10)
+        serve.wait_for(("event=worker_started",), count=2)
+        lines = serve.wait_for(("event=tls_reloaded", "event=worker_exited"), count=2, timeout=10)
         assert all("event=tls_reloaded" in line for line in lines), lines
         assert serial_on(serve.ports["submissions"], inst.ca) == serial_of(inst.second)
     finally:
@@ -608,12 +585,12 @@ def test_sigterm_while_a_worker_is_being_restarted_exits_cleanly(tmp_path: Path)
     inst = live_cert_instance(tmp_path, workers=2)
     serve = spawn_serve(inst.root)
     try:
-        started = wait_for_log(inst.log, ("event=worker_started worker=0 ",), 0)[0]
-        wait_for_log(inst.log, ("event=worker_started",), 0, count=2)
+        started = serve.wait_for(("event=worker_started worker=0 ",))[0]
+        serve.wait_for(("event=worker_started",), count=2)
         worker_pid = int(started.split(" pid=")[1].split()[0])
-        offset = inst.log.stat().st_size
+        offset = serve.mark()
         os.kill(worker_pid, signal.SIGKILL)  # a worker crashes...
-        wait_for_log(inst.log, ("event=worker_exited",), offset)
+        serve.wait_for(("event=worker_exited",), start=offset)
     finally:
         code = stop_process(serve, timeout=10)  # ...and the admin stops the server while it is restarted
     assert code == 0, "supervisor did not exit on SIGTERM"

@@ -89,11 +89,12 @@ class Filer:
                 delay = min(delay * 2, 60.0)
         for rec in records:
             self.spool.mark_done(rec.queue_id)
+        if self.on_filed:
+            self.on_filed()  # gauges first, so a reader of the log lines below sees them current
+        for rec in records:
             log_event(
                 "filed",
                 qid=rec.queue_id,
                 local=len(rec.envelope.get("local", [])),
                 remote=len(rec.envelope.get("remote", [])),
             )
-        if self.on_filed:
-            self.on_filed()
