@@ -104,8 +104,10 @@ class Resolver:
 
     async def resolve(self, name: str, rdtype: str, counter: QueryCounter | None = None) -> DnsResult:
         """Answer for (name, rdtype), following CNAMEs; raises DnsTempError."""
-        qname = _normalize(name)
         rdtype = rdtype.upper()
+        qname = name.strip().rstrip(".").lower()
+        if (qname, rdtype) not in self._cache:
+            qname = _normalize(name)  # full validation only for names not already answered
         if counter is not None:
             counter.lookups += 1
             counter.names.append(f"{qname}/{rdtype}")
