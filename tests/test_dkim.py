@@ -281,3 +281,17 @@ def test_openssl_rsa_verification_agrees_with_dkimpy_pure_python(keys: dict[str,
                 expected = ours._PURE_PYTHON_VERIFY(hashlib.new(algo, payload), sig, public)
                 assert ours._openssl_rsa_verify(hashlib.new(algo, payload), sig, public) is expected
             assert ours._openssl_rsa_verify(hashlib.new(algo, data), signature, public) is True
+
+
+async def test_large_messages_are_verified_off_the_event_loop_with_the_same_result(
+    keys: dict[str, Key], resolver: Resolver
+) -> None:
+    """Over checks/offload.INLINE_LIMIT the work moves to a thread; the verdict must not change."""
+    from mailwarden.checks.offload import INLINE_LIMIT
+
+    big = MESSAGE + b"".join(b"line %06d of a long report\r\n" % i for i in range(INLINE_LIMIT // 20))
+    assert len(big) > INLINE_LIMIT
+    good = await evaluate_dkim(sign(big, keys["rsa2048"], "rsa2048"), resolver)
+    assert good.result == "pass", good.reason
+    tampered = sign(big, keys["rsa2048"], "rsa2048").replace(b"line 000001", b"line 999999")
+    assert (await evaluate_dkim(tampered, resolver)).result == "fail"

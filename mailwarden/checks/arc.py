@@ -31,6 +31,7 @@ from dkim.crypto import parse_pem_private_key
 from dkim.util import parse_tag_value
 
 from mailwarden.checks.dkim import DOMAIN_TAG, ar_value, load
+from mailwarden.checks.offload import run_cpu_bound
 from mailwarden.checks.result import CheckResult
 from mailwarden.dns.resolver import DnsTempError, QueryCounter, Resolver
 
@@ -145,7 +146,7 @@ async def _verify(message: bytes, resolver: Resolver, counter: QueryCounter) -> 
         return answer
 
     try:
-        cv, data, reason = await asyncio.to_thread(arc.verify, dnsfunc)
+        cv, data, reason = await run_cpu_bound(len(message), lambda: arc.verify(dnsfunc))
     except Exception as exc:  # dkimpy raises more than DKIMException on broken sets (e.g. IndexError)
         return _Verdict("fail", f"malformed ARC set: {_short(exc)}", [], bool(temporary))
     instances = [_instance(d) for d in data]

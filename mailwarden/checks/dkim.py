@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import parse_tag_value
 
+from mailwarden.checks.offload import run_cpu_bound
 from mailwarden.checks.result import CheckResult
 from mailwarden.dns.resolver import DnsTempError, QueryCounter, Resolver
 
@@ -224,7 +225,7 @@ async def _evaluate(message: bytes, resolver: Resolver, counter: QueryCounter) -
     names = list(dict.fromkeys(p.key_name for p in pending))
     answers = await asyncio.gather(*(_fetch_key(name, resolver, counter) for name in names))
     keys = dict(zip(names, answers, strict=True))
-    checked = await asyncio.to_thread(lambda: [_verify(verifier, p, keys[p.key_name]) for p in pending])
+    checked = await run_cpu_bound(len(message), lambda: [_verify(verifier, p, keys[p.key_name]) for p in pending])
     for p, verdict in zip(pending, checked, strict=True):
         results[p.index] = verdict
     return [results[i] for i in sorted(results)]

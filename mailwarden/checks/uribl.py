@@ -9,12 +9,12 @@ a message with a thousand links must not cost a thousand queries.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 from mailwarden.checks.body_links import extract_domains
 from mailwarden.checks.dnsbl import DnsblZone, lookup_names
+from mailwarden.checks.offload import run_cpu_bound
 from mailwarden.checks.result import CheckResult
 from mailwarden.dns.resolver import Resolver
 
@@ -30,7 +30,7 @@ async def check_body(
     domain_zones = [z for z in zones if z.kind == "domain"]
     per_zone = max_lookups // len(domain_zones) if domain_zones else 0
     # One more than we may ask, to know whether the cap cut anything off. Parsing is
-    # CPU work bounded to a fraction of a second; off the event loop all the same.
-    domains = await asyncio.to_thread(extract_domains, message, per_zone + 1) if per_zone > 0 else []
+    # bounded CPU work; big messages are parsed off the event loop (checks/offload.py).
+    domains = await run_cpu_bound(len(message), lambda: extract_domains(message, per_zone + 1)) if per_zone > 0 else []
     details: dict[str, Any] = {"domains": domains[:per_zone], "truncated": len(domains) > per_zone}
     return await lookup_names("uribl", domains[:per_zone], domain_zones, resolver, details)
