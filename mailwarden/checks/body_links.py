@@ -73,8 +73,11 @@ _PARSE_ERRORS = (
 
 # Characters that end a host in running text (besides whitespace).
 _STOP = r"\s/\\?#\"'<>()\[\]{}|,;`^"
-_URL = re.compile(rf"(?i)\bhttps?:[/\\]{{2}}([^{_STOP}]+)")
-_WWW = re.compile(rf"(?i)(?<![\w.\-@/\\])(www\.[^{_STOP}:@]+)")
+# Both run on lower-cased text: a case-sensitive pattern that starts with a literal
+# lets the regex engine skip ahead, ~5x faster than (?i) with a look-behind.
+_URL = re.compile(rf"\bhttps?:[/\\]{{2}}([^{_STOP}]+)")
+_WWW = re.compile(rf"(www\.[^{_STOP}:@]+)")
+_NOT_BEFORE_WWW = set("_.-@/\\")  # www. right after one of these (or a letter or digit) is not a host start
 _ATTR = re.compile(r"""(?i)\b(?:href|src)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""")
 _ATTR_URL = re.compile(r"(?i)^\s*(?:https?:)?[/\\]{2}([^/\\?#\s]+)")
 
@@ -191,6 +194,7 @@ def _html_links(text: str) -> str:
 
 
 def _hosts(text: str) -> Iterator[str]:
+    text = text.lower()  # hosts are compared lower-cased anyway
     # Each distinct authority is parsed once: mail repeats the same link many times.
     authorities: dict[str, str] = {}
     matches = []
@@ -200,7 +204,11 @@ def _hosts(text: str) -> Iterator[str]:
         if host is None:
             host = authorities[raw] = _authority_host(raw)
         matches.append((m.start(), host))
-    matches += [(m.start(), m.group(1)) for m in _WWW.finditer(text)]
+    for m in _WWW.finditer(text):
+        start = m.start()
+        before = text[start - 1] if start else " "
+        if not (before.isalnum() or before in _NOT_BEFORE_WWW):
+            matches.append((start, m.group(1)))
     matches.sort(key=lambda item: item[0])
     for _pos, host in matches:
         host = host.strip().strip(".")
