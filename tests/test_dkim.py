@@ -259,9 +259,21 @@ async def test_random_mutations_of_a_signed_message_never_raise(keys: dict[str, 
         assert result.result in {"pass", "none", "fail", "permerror", "neutral", "policy", "temperror"}
 
 
-def test_split_message_matches_dkimpy() -> None:
-    for message in [b"", b"A: b\r\n c\r\n\td\nE:f\n\nx\ny\n", b"From x\nA: b\n\nbody", b"A: b", MESSAGE]:
-        assert split_message(message) == tuple(dkim.rfc822_parse(message))
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"",
+        b"A: b\r\n c\r\n\td\nE:f\n\nx\ny\n",
+        b"From x\nA: b\n\nbody",
+        b"A: b",
+        MESSAGE,
+        b"\r\nA: b\r\n\r\nbody\r\n",  # starts with the blank line
+        b"A: b\r\n\r\n\r\nbody\r\n\r\n",  # CRLF only: the fast path
+        b"A: b\r\n\r\nbody\nwith a bare LF\r\n",  # one bare LF: the general path
+    ],
+)
+def test_split_message_matches_dkimpy(message: bytes) -> None:
+    assert split_message(message) == tuple(dkim.rfc822_parse(message))
 
 
 def test_openssl_rsa_verification_agrees_with_dkimpy_pure_python(keys: dict[str, Key]) -> None:

@@ -167,7 +167,15 @@ def split_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
     `dkim.MessageFormatError` where dkimpy would (and for a header section
     that starts with a continuation line, where dkimpy raises IndexError).
     """
-    lines = re.split(rb"\r?\n", message)
+    end = message.find(b"\r\n\r\n")
+    tail: bytes | None = None
+    if end > 0 and not message.startswith(b"\r\n") and message.count(b"\n") == message.count(b"\r\n"):
+        # Plain CRLF mail (all that SMTP lets through): split only the header
+        # section; the body is already what dkimpy's re-joined lines would be.
+        lines = message[: end + 2].split(b"\r\n")
+        tail = message[end + 4 :]
+    else:
+        lines = re.split(rb"\r?\n", message)
     headers: list[list[bytes]] = []
     parts: list[list[bytes]] = []
     i = 0
@@ -189,7 +197,7 @@ def split_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
             raise dkim.MessageFormatError(f"not a header field: {line[:60]!r}")
     for header, value in zip(headers, parts, strict=True):
         header[1] = b"".join(value)
-    return headers, b"\r\n".join(lines[i:])
+    return headers, tail if tail is not None else b"\r\n".join(lines[i:])
 
 
 def load(signer: dkim.DomainSigner, message: bytes) -> None:
