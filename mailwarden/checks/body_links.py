@@ -134,8 +134,38 @@ def _short_field(m: re.Match[bytes]) -> bytes:
     return m.group(1) + b";".join(value[:_MAX_MIME_FIELD].split(b";")[:_MAX_MIME_PARAMS])
 
 
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_CTYPE = re.compile(rb"(?im)^content-type[ \t]*:[ \t]*([^;\s]*)")
+_CTE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:[ \t]*(\S*)")
+_IDENTITY_ENCODINGS = (b"", b"7bit", b"8bit", b"binary")
+
+
+def _plain_body(message: bytes, max_part_bytes: int) -> str | None:
+    """The body of a plain, single-part text message, without the MIME parser; None when it is MIME."""
+    end = _HEADER_END.search(message)
+    if end is None:
+        return None
+    head = message[: end.start()]
+    ctype = _CTYPE.findall(head)
+    cte = _CTE.findall(head)
+    if len(ctype) > 1 or len(cte) > 1:
+        return None  # ambiguous: let the parser decide as it always does
+    if ctype and ctype[0].lower() not in (b"text/plain", b""):
+        return None
+    if cte and cte[0].lower() not in _IDENTITY_ENCODINGS:
+        return None
+    body = message[end.end() :]
+    if len(body) > max_part_bytes:
+        return None
+    return body.decode("utf-8", "replace")
+
+
 def _texts(message: bytes, max_part_bytes: int, max_parts: int) -> Iterator[str]:
     """Decoded text/plain and text/html bodies (HTML with entities unescaped)."""
+    plain = _plain_body(message, max_part_bytes)
+    if plain is not None:
+        yield plain  # most mail needs no MIME parse at all
+        return
     try:
         msg = email.message_from_bytes(message, policy=email.policy.compat32)
         parts = msg.walk()
