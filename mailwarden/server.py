@@ -19,6 +19,7 @@ from pathlib import Path
 from mailwarden.checks.dnsbl import parse_zones
 from mailwarden.config import Config
 from mailwarden.dns import resolver_from_config
+from mailwarden.dns.public_suffix import public_suffix_list
 from mailwarden.endpoints.smtp import ROLES, InboundChecks, SmtpServices, SmtpSession
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
@@ -183,6 +184,10 @@ class Server:
         self.filer.start()
         await recover_spool(self.spool, self.filer)
         self.spool.start()
+        inbound = inbound_checks(cfg)
+        if inbound is not None:
+            # Build the public suffix list now, not in the first session that needs it.
+            await asyncio.to_thread(public_suffix_list)
         services = SmtpServices(
             cfg,
             self.store,
@@ -191,7 +196,7 @@ class Server:
             self.filer,
             self.metrics,
             self.tls,
-            inbound_checks(cfg),
+            inbound,
             reports=self.store,
         )
         loop = asyncio.get_running_loop()

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from email.message import Message
 from urllib.parse import unquote
 
-from mailwarden.checks.dnsbl import registrable_domain
+from mailwarden.dns.public_suffix import registrable_domain
 
 # Measured worst cases (CPython 3.11, one core): ~0.25 s to parse 1 MiB of
 # one-byte lines, ~0.2 s to scan 1 MiB of distinct junk hosts.

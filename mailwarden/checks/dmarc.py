@@ -17,7 +17,6 @@ Everything an aggregate report (§7.2) needs later is in `details`.
 
 from __future__ import annotations
 
-import functools
 import random
 import re
 import time
@@ -25,10 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from publicsuffixlist import PublicSuffixList
-
 from mailwarden.checks.from_header import normalize_domain
 from mailwarden.checks.result import Action, CheckResult
+from mailwarden.dns.public_suffix import organizational_domain
 from mailwarden.dns.resolver import DnsTempError, QueryCounter, Resolver
 
 POLICIES = ("none", "quarantine", "reject")
@@ -77,17 +75,6 @@ class DmarcRecord:
     rf: tuple[str, ...] = ("afrf",)
     ri: int = 86400
     problems: tuple[str, ...] = ()  # tags discarded for bad syntax
-
-
-@functools.cache
-def _public_suffix_list() -> PublicSuffixList:
-    return PublicSuffixList()  # slow to build: once per process, on first use
-
-
-def organizational_domain(domain: str) -> str:
-    """RFC 7489 §3.2: the registrable domain; a public suffix is its own."""
-    domain = domain.lower().rstrip(".")
-    return _public_suffix_list().privatesuffix(domain) or domain
 
 
 # ---- the record (RFC 7489 §6.3, §6.4) ---------------------------------------------------

@@ -17,15 +17,13 @@ verdict on the sender:
 * SERVFAIL or timeout is a temperror with no action: a block list outage
   must not block mail.
 
-`registrable_domain` reduces a host to the domain a registrant controls
-(publicsuffixlist, offline data); domain zones are queried with it, here and
-in the URIBL body check.
+Domain zones are queried with a host's registrable domain
+(dns/public_suffix.py), here and in the URIBL body check.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import math
@@ -36,9 +34,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from publicsuffixlist import PublicSuffixList
-
 from mailwarden.checks.result import Action, CheckResult
+from mailwarden.dns.public_suffix import registrable_domain
 from mailwarden.dns.resolver import DnsTempError, QueryCounter, Resolver
 from mailwarden.logs import log_event
 
@@ -260,44 +257,6 @@ def _parse_code(value: Any, where: str, fail: Any) -> ZoneCode:
 
 
 # ---- names ----------------------------------------------------------------------
-
-
-@functools.cache
-def _psl() -> PublicSuffixList:
-    return PublicSuffixList()
-
-
-def registrable_domain(host: str) -> str | None:
-    """The registrable domain of `host`, IDNA-encoded and lower case; None if it has none.
-
-    None for IP literals, single labels, public suffixes themselves, and names
-    DNS cannot carry.
-    """
-    host = host.strip().rstrip(".").lower()
-    if not host or len(host) > 1000:
-        return None
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    if len(host) > 253:
-        return None
-    labels = host.split(".")
-    if len(labels) < 2:
-        return None
-    for lab in labels:
-        if not lab or len(lab) > 63 or not all(c.isalnum() or c in "-_" for c in lab):
-            return None
-        if lab.startswith("xn--"):
-            try:
-                lab.encode("ascii").decode("idna")
-            except UnicodeError:
-                return None  # not valid punycode: no registrar would hold it
-    if labels[-1].isdigit():  # an IPv4 literal, or a bogus numeric TLD
-        return None
-    found = _psl().privatesuffix(host)
-    return found if isinstance(found, str) else None
 
 
 def reversed_ip(ip: str) -> str:

@@ -29,25 +29,6 @@ def split_header_block(message: bytes) -> tuple[bytes, bytes]:
     return message[: end + 4], message[end + 4 :]
 
 
-def header_values(header_block: bytes, name: bytes) -> list[bytes]:
-    """Raw values of every header called `name`, unfolded."""
-    out: list[bytes] = []
-    lname = name.lower() + b":"
-    current: bytearray | None = None
-    for line in header_block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and current is not None:
-            current += b" " + line.strip()
-            continue
-        if current is not None:
-            out.append(bytes(current))
-            current = None
-        if line.lower().startswith(lname):
-            current = bytearray(line[len(lname) :].strip())
-    if current is not None:
-        out.append(bytes(current))
-    return out
-
-
 def check_sender(mail_from: str, owned: set[str]) -> None:
     if mail_from.lower() not in owned:
         raise SmtpReply(553, "5.7.1", "Sender address not owned by the authenticated user")
