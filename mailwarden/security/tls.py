@@ -12,12 +12,15 @@ import datetime as dt
 import ipaddress
 import os
 import ssl
+import time
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+_START_ATTEMPTS = 5
 
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS"
 
@@ -38,7 +41,16 @@ class ServerTls:
         self.cert = cert
         self.key = key
         self.context = build_server_context()
-        self.reload()
+        # A certificate and key that do not match at start-up are most likely a
+        # renewal caught between writing the two files; give it a moment.
+        for attempt in range(_START_ATTEMPTS):
+            try:
+                self.reload()
+                return
+            except TlsConfigError:
+                if attempt == _START_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2)
 
     def reload(self) -> None:
         try:
