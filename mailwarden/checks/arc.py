@@ -16,7 +16,6 @@ ARC-Authentication-Results to be a copy of what we concluded.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import re
@@ -33,6 +32,7 @@ from dkim.util import parse_tag_value
 from mailwarden.checks.dkim import DOMAIN_TAG, ar_value, load
 from mailwarden.checks.offload import run_cpu_bound
 from mailwarden.checks.result import CheckResult
+from mailwarden.dns import eager
 from mailwarden.dns.resolver import DnsTempError, QueryCounter, Resolver
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,26 @@ class _Verdict:
     temporary: bool
 
 
+_ARC_FIELD = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results):")
+_END_OF_HEADER = re.compile(rb"\n\r?\n")
+
+
+def has_arc_fields(message: bytes) -> bool:
+    """Whether the header section has any ARC field, as dkimpy would find it.
+
+    Most mail has none, and dkimpy canonicalizes every header before it looks;
+    this scan answers "none" for that mail at a fraction of the cost. Field
+    names never contain white space (see `split_message`), so the name is
+    followed by the colon at once; the header section ends at the first
+    empty line, with or without CR.
+    """
+    end = _END_OF_HEADER.search(message)
+    return _ARC_FIELD.search(message, 0, end.start() + 1 if end else len(message)) is not None
+
+
 async def _verify(message: bytes, resolver: Resolver, counter: QueryCounter) -> _Verdict:
+    if not has_arc_fields(message):
+        return _Verdict("none", "no ARC sets", [], False)
     arc = dkim.ARC(None, logger=_LIB_LOG, minkey=1024)
     try:
         load(arc, message)
@@ -173,7 +192,7 @@ async def _fetch_keys(
             if name not in names:
                 names.append(name)
     names = names[:_MAX_KEY_LOOKUPS]
-    answers = await asyncio.gather(*(_fetch_key(n, resolver, counter) for n in names))
+    answers = await eager.gather(*(_fetch_key(n, resolver, counter) for n in names))
     return dict(zip(names, answers, strict=True))
 
 

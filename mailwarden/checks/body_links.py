@@ -75,7 +75,8 @@ _PARSE_ERRORS = (
 _STOP = r"\s/\\?#\"'<>()\[\]{}|,;`^"
 # Both run on lower-cased text: a case-sensitive pattern that starts with a literal
 # lets the regex engine skip ahead, ~5x faster than (?i) with a look-behind.
-_URL = re.compile(rf"\bhttps?:[/\\]{{2}}([^{_STOP}]+)")
+# No \b in front: it disables that skip-ahead (18x slower on 5 KB); `_hosts` checks the boundary.
+_URL = re.compile(rf"https?:[/\\]{{2}}([^{_STOP}]+)")
 _WWW = re.compile(rf"(www\.[^{_STOP}:@]+)")
 _NOT_BEFORE_WWW = set("_.-@/\\")  # www. right after one of these (or a letter or digit) is not a host start
 _ATTR = re.compile(r"""(?i)\b(?:href|src)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+))""")
@@ -98,7 +99,7 @@ def extract_domains(
         return []
     budget = max_total_bytes
     hosts_seen: set[str] = set()
-    for text in _texts(_bounded(message, max_parse_bytes, max_parts), max_part_bytes, max_parts):
+    for text in _texts(message[:max_parse_bytes], max_part_bytes, max_parts):
         text = text[:budget]
         budget -= len(text)
         for host in _hosts(text):
@@ -117,9 +118,8 @@ def extract_domains(
     return list(found)
 
 
-def _bounded(message: bytes, max_parse_bytes: int, max_parts: int) -> bytes:
-    """The message cut to what the parser may see: its size, its structure, and its Content-* fields bounded."""
-    message = message[:max_parse_bytes]
+def _bounded(message: bytes, max_parts: int) -> bytes:
+    """The message cut to what the parser may see: its structure and its Content-* fields bounded."""
     for n, m in enumerate(_STRUCTURE.finditer(message)):
         if n >= 2 * max_parts + 2:  # a delimiter and a Content-Type per part, and the top level
             message = message[: m.start()]
@@ -161,13 +161,13 @@ def _plain_body(message: bytes, max_part_bytes: int) -> str | None:
 
 
 def _texts(message: bytes, max_part_bytes: int, max_parts: int) -> Iterator[str]:
-    """Decoded text/plain and text/html bodies (HTML with entities unescaped)."""
+    """Decoded text/plain and text/html bodies (HTML with entities unescaped); `message` is already size-capped."""
     plain = _plain_body(message, max_part_bytes)
     if plain is not None:
-        yield plain  # most mail needs no MIME parse at all
+        yield plain  # most mail needs no MIME parse at all, nor the bounding rewrite
         return
     try:
-        msg = email.message_from_bytes(message, policy=email.policy.compat32)
+        msg = email.message_from_bytes(_bounded(message, max_parts), policy=email.policy.compat32)
         parts = msg.walk()
     except _PARSE_ERRORS:
         return
@@ -229,6 +229,9 @@ def _hosts(text: str) -> Iterator[str]:
     authorities: dict[str, str] = {}
     matches = []
     for m in _URL.finditer(text):
+        start = m.start()
+        if start and (text[start - 1].isalnum() or text[start - 1] == "_"):
+            continue  # "xhttp://" is not a URL: a word boundary must come before the scheme
         raw = m.group(1)
         host = authorities.get(raw)
         if host is None:

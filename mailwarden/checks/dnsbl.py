@@ -23,7 +23,6 @@ Domain zones are queried with a host's registrable domain
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
@@ -35,6 +34,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from mailwarden.checks.result import Action, CheckResult
+from mailwarden.dns import eager
 from mailwarden.dns.public_suffix import registrable_domain
 from mailwarden.dns.resolver import DnsTempError, QueryCounter, Resolver
 from mailwarden.logs import log_event
@@ -461,7 +461,7 @@ async def lookup_names(
     if not names:
         return _none(check, "no domain to look up", details)
     counter, out = QueryCounter(), _Outcome()
-    await asyncio.gather(*(_lookup(n, n, z, resolver, counter, out, check) for n in names for z in domain_zones))
+    await eager.gather(*(_lookup(n, n, z, resolver, counter, out, check) for n in names for z in domain_zones))
     return _result(check, ", ".join(names), out, details, counter, start)
 
 
@@ -477,7 +477,7 @@ async def check_ip(ip: str, zones: Iterable[DnsblZone], resolver: Resolver) -> C
     if not ip_zones:
         return _none("dnsbl", "no IP block lists configured", details)
     counter, out = QueryCounter(), _Outcome()
-    await asyncio.gather(*(_lookup(ip, prefix, z, resolver, counter, out, "dnsbl") for z in ip_zones))
+    await eager.gather(*(_lookup(ip, prefix, z, resolver, counter, out, "dnsbl") for z in ip_zones))
     return _result("dnsbl", ip, out, details, counter, start)
 
 

@@ -34,6 +34,7 @@ type (99).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import time
@@ -44,6 +45,7 @@ from typing import Any
 import dns.name
 
 from mailwarden.checks.result import CheckResult
+from mailwarden.dns import eager
 from mailwarden.dns.resolver import DnsResult, DnsTempError, QueryCounter, Resolver
 
 MAX_DNS_TERMS = 10  # RFC 7208 §4.6.4
@@ -254,8 +256,11 @@ def _is_spf_record(text: str) -> bool:
     return text[:6].lower() == "v=spf1" and (len(text) == 6 or text[6] == " ")
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_record(text: str) -> _Record:
-    """The whole record, so that a syntax error anywhere is found before anything is evaluated (§4.6)."""
+    """The whole record, so that a syntax error anywhere is found before anything is evaluated (§4.6).
+
+    Cached by text: records repeat across messages, the result is immutable, errors are not cached."""
     mechanisms: list[_Mechanism] = []
     redirect: MacroString | None = None
     redirect_text = ""
@@ -309,6 +314,22 @@ class _Evaluation:
     terms: int = 0
     voids: int = 0
     _ptr_names: list[str] | None = None
+    deadline: float = float("inf")  # time.monotonic() by which the whole evaluation must end (§4.6.4)
+
+    async def resolve(self, name: str, rdtype: str) -> DnsResult:
+        """Every query of the evaluation, within its overall time limit (TimeoutError past it).
+
+        The limit is ours, not an `asyncio.timeout` around the evaluation: that binds to
+        the task that entered it, and the pipeline starts checks eagerly (dns/eager.py), so
+        the task that finishes an evaluation need not be the one that started it.
+        A cached answer needs no timer.
+        """
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        if self.resolver.has_answer(name, rdtype):
+            return await self.resolver.resolve(name, rdtype, self.counter)
+        return await asyncio.wait_for(self.resolver.resolve(name, rdtype, self.counter), remaining)
 
     @property
     def rdtype(self) -> str:
@@ -326,7 +347,7 @@ class _Evaluation:
     async def lookup(self, name: str, rdtype: str, *, void_counts: bool = True) -> DnsResult | None:
         """A query for a mechanism; None if DNS cannot carry the name (treated as non-existent, §4.8)."""
         try:
-            result = await self.resolver.resolve(name, rdtype, self.counter)
+            result = await self.resolve(name, rdtype)
         except ValueError:
             return None
         if not result.records and void_counts:
@@ -341,7 +362,7 @@ class _Evaluation:
     async def check(self, domain: str, *, want_exp: bool) -> _Outcome:
         """check_host() for <domain> (§4), sharing limits with the caller."""
         try:
-            answer = await self.resolver.resolve(domain, "TXT", self.counter)
+            answer = await self.resolve(domain, "TXT")
         except ValueError:
             return _Outcome(
                 "none", domain, no_record=f"{domain!r} is not a domain name DNS can look up (RFC 7208 §4.3)"
@@ -439,13 +460,13 @@ class _Evaluation:
 
         async def one(name: str) -> Any:
             try:
-                return (await self.resolver.resolve(name, self.rdtype, self.counter)).records
+                return (await self.resolve(name, self.rdtype)).records
             except ValueError:
                 return ()
             except DnsTempError as exc:
                 return exc
 
-        return list(await asyncio.gather(*(one(n) for n in names)))
+        return list(await eager.gather(*(one(n) for n in names)))
 
     def in_any(self, records: Any, mech: _Mechanism) -> bool:
         length = mech.cidr4 if self.ip.version == 4 else mech.cidr6
@@ -545,7 +566,7 @@ class _Evaluation:
         """§6.2: the explanation for a fail; any problem means there is none. Not counted against limits."""
         try:
             name = await self.target(spec, domain)
-            answer = await self.resolver.resolve(name, "TXT", self.counter)
+            answer = await self.resolve(name, "TXT")
         except (DnsTempError, ValueError):
             return None
         texts = answer.texts()
@@ -651,8 +672,8 @@ async def check_host(
     if name is None:  # §4.3
         return done("none", f"{domain!r} is not a domain name SPF can check (RFC 7208 §4.3)")
     try:
-        async with asyncio.timeout(timeout):
-            outcome = await evaluation.check(name, want_exp=True)
+        evaluation.deadline = time.monotonic() + timeout
+        outcome = await evaluation.check(name, want_exp=True)
     except _PermError as exc:
         return done("permerror", str(exc))
     except DnsTempError as exc:

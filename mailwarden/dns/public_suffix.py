@@ -17,6 +17,9 @@ def public_suffix_list() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+_CACHED_NAME_LENGTH = 255  # longer names are junk; computing them again is cheaper than keeping them
+
+
 def organizational_domain(domain: str) -> str:
     """RFC 7489 §3.2: the registrable domain; a public suffix is its own."""
     domain = domain.lower().rstrip(".")
@@ -24,6 +27,13 @@ def organizational_domain(domain: str) -> str:
 
 
 def registrable_domain(host: str) -> str | None:
+    """`_registrable_domain`, remembered for names of a sane length: the same hosts recur in every message."""
+    if len(host) > _CACHED_NAME_LENGTH:
+        return _registrable_domain(host)
+    return _cached_registrable_domain(host)
+
+
+def _registrable_domain(host: str) -> str | None:
     """The registrable domain of `host`, IDNA-encoded and lower case; None if it has none.
 
     None for IP literals, single labels, public suffixes themselves, and names
@@ -54,3 +64,6 @@ def registrable_domain(host: str) -> str | None:
         return None
     found = public_suffix_list().privatesuffix(host)
     return found if isinstance(found, str) else None
+
+
+_cached_registrable_domain = functools.lru_cache(maxsize=8192)(_registrable_domain)

@@ -113,6 +113,11 @@ class Resolver:
             counter.names.append(f"{qname}/{rdtype}")
         return await self._resolve(qname, rdtype, counter, 0)
 
+    def has_answer(self, name: str, rdtype: str) -> bool:
+        """Whether `resolve` would answer from the cache (without waiting)."""
+        hit = self._cache.get((name.strip().rstrip(".").lower(), rdtype.upper()))
+        return hit is not None and hit[0] > time.monotonic()
+
     async def _resolve(self, qname: str, rdtype: str, counter: QueryCounter | None, depth: int) -> DnsResult:
         key = (qname, rdtype)
         hit = self._cache.get(key)

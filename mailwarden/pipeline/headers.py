@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
+import time
 
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
 
@@ -27,13 +29,19 @@ def received_header(
         version, cipher, bits = tls
         lines.append(f"\t(using {version} with cipher {cipher} ({bits}/{bits} bits))")
     lines.append(f"\tby {hostname} (Mailwarden) with {protocol} id {queue_id}")
-    date = email.utils.formatdate(localtime=True)
+    date = _rfc5322_date(int(time.time()))
     if recipient:
         lines.append(f"\tfor <{recipient}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=2)
+def _rfc5322_date(second: int) -> str:
+    """The local date for Received, made once a second (formatdate costs ~20 µs; a busy MX asks hundreds of times)."""
+    return email.utils.formatdate(second, localtime=True)
 
 
 def return_path(sender: str) -> bytes:

@@ -13,7 +13,6 @@ Not yet wired into the SMTP listener (next step of the inbound issue);
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Awaitable, Coroutine, Mapping, Sequence
@@ -28,6 +27,7 @@ from mailwarden.checks.from_header import FromHeaderError, parse_author
 from mailwarden.checks.result import Action, CheckResult
 from mailwarden.checks.spf import evaluate_spf
 from mailwarden.checks.uribl import check_body
+from mailwarden.dns import eager
 from mailwarden.dns.resolver import Resolver
 from mailwarden.pipeline.auth_results import render_auth_results, strip_claimed_auth_results
 from mailwarden.protocol.smtp_reply import SmtpReply
@@ -139,7 +139,7 @@ async def evaluate_message(
         if impersonation is not None:
             results.append(impersonation)
     off = policy.disabled
-    spf, dkim, arc, links = await asyncio.gather(
+    spf, dkim, arc, links = await eager.gather(
         _maybe(
             "spf",
             off,
@@ -229,7 +229,7 @@ async def evaluate_reputation(
     lookups = [check_domain(helo, policy.zones, resolver)]
     if sender:
         lookups.append(check_domain(sender, policy.zones, resolver))
-    return [ip_result, *await asyncio.gather(*lookups)]
+    return [ip_result, *await eager.gather(*lookups)]
 
 
 def _policy_key(result: CheckResult) -> str:
