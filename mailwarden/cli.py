@@ -347,7 +347,7 @@ def cmd_queue_show(args: argparse.Namespace) -> None:
 
     async def fetch(store: SqlStore) -> tuple[list[Any], bytes]:
         entries = [e for e in await store.list_queue() if e.queue_id == qid]
-        return entries, store.blobs.read(entries[0].blob) if entries else b""
+        return entries, await store.read_blob(entries[0].blob) if entries else b""
 
     entries, data = _with_store(args, fetch)
     if not entries:

@@ -144,9 +144,7 @@ class RunningServer:
 
     def message(self, address: str, uid: int, folder: str = "INBOX") -> bytes:
         self.wait_filed()
-        return self.paths.blobs.joinpath(
-            next(m.blob for m in self.call(self.server.store.list_messages(address, folder)) if m.uid == uid)
-        ).read_bytes()
+        return self.call(self.server.store.read_message(address, folder, uid))
 
 
 def start_server(paths: InstancePaths, tls: TlsMaterial) -> RunningServer:

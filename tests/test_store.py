@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden.storage.interfaces import DeliveryBatch, LocalDelivery, StorageError
+from mailwarden.storage.interfaces import DeliveryBatch, LocalDelivery, RemoteDelivery, StorageError
 from mailwarden.storage.sql import SqlStore
 
 
@@ -166,3 +166,58 @@ def test_two_workers_filing_at_once_never_mix_up_bodies(tmp_path: Path) -> None:
     filed = run(check())
     assert len(filed) == 3 * 15 * 8
     assert [qid for qid, body in filed if body != f"Subject: {qid}\r\n\r\n".encode()] == []
+
+
+def test_small_bodies_are_rows_large_ones_files_and_a_replay_files_nothing_twice(tmp_path: Path) -> None:
+    small = b"From: a@b.test\r\nSubject: small\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    large = b"From: a@b.test\r\nSubject: large\r\n\r\n" + (b"y" * 998 + b"\r\n") * 200  # 200 KB > INLINE_MAX
+
+    async def go():  # type: ignore[no-untyped-def]
+        store = await _store(tmp_path)
+        batch = DeliveryBatch(
+            local=[
+                (LocalDelivery("QS", "bob@example.test", "bob@example.test"), small),
+                (LocalDelivery("QL", "bob@example.test", "bob@example.test"), large),
+            ],
+            remote=[
+                (RemoteDelivery("QR", "bob@example.test", "x@remote.test"), small),
+                (RemoteDelivery("QR", "bob@example.test", "y@remote.test"), small),
+                (RemoteDelivery("QB", "bob@example.test", "x@remote.test"), large),
+            ],
+        )
+        await store.deliver(batch)
+        await store.deliver(batch)  # the spool replays a batch after a crash: nothing is filed twice
+        msgs = await store.list_messages("bob@example.test", "INBOX")
+        bodies = [await store.read_message("bob@example.test", "INBOX", m.uid) for m in msgs]
+        queue = await store.list_queue()
+        queued = {e.queue_id: await store.read_blob(e.blob) for e in queue}
+        files_before = sorted(p.name for p in (tmp_path / "blobs").rglob("*.eml"))
+        deleted = (await store.delete_queued("QR"), await store.delete_queued("QB"))
+        files_after = sorted(p.name for p in (tmp_path / "blobs").rglob("*.eml"))
+        await store.close()
+        return msgs, bodies, queue, queued, files_before, deleted, files_after
+
+    msgs, bodies, queue, queued, files_before, deleted, files_after = run(go())
+    assert [m.queue_id for m in msgs] == ["QS", "QL"]
+    assert bodies == [small, large]
+    assert sorted((e.queue_id, e.recipient) for e in queue) == [
+        ("QB", "x@remote.test"),
+        ("QR", "x@remote.test"),
+        ("QR", "y@remote.test"),
+    ]
+    assert queued == {"QR": small, "QB": large}
+    assert files_before == ["2.eml", "QB.eml"]  # only the large bodies are files
+    assert deleted == (2, 1)
+    assert files_after == ["2.eml"]
+
+
+def test_a_missing_inline_body_is_a_storage_error(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = await _store(tmp_path)
+        try:
+            await store.read_blob("db:mbox/1/1/404.eml")
+        finally:
+            await store.close()
+
+    with pytest.raises(StorageError, match="missing"):
+        run(go())

@@ -7,6 +7,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -14,7 +15,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: blob_data (small bodies in the database)
 
 metadata = MetaData()
 
@@ -81,6 +82,14 @@ messages = Table(
     UniqueConstraint("mailbox_id", "uid"),
     # The idempotency key: replaying the spool after a crash files nothing twice.
     UniqueConstraint("queue_id", "account_id"),
+)
+
+# Bodies up to storage/blobs.INLINE_MAX; `messages.blob` / `queue.blob` hold "db:" + name.
+blob_data = Table(
+    "blob_data",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
 )
 
 queue = Table(

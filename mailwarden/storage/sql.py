@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, update
 
 from mailwarden.storage import schema as t
-from mailwarden.storage.blobs import FileBlobs
+from mailwarden.storage.blobs import DB_PREFIX, INLINE_MAX, FileBlobs, is_inline
 from mailwarden.storage.directory import Directory, split_address
 from mailwarden.storage.interfaces import (
     SPECIAL_MAILBOXES,
@@ -38,6 +38,13 @@ from mailwarden.storage.interfaces import (
 )
 
 _HEADER_SCAN_LIMIT = 64 * 1024
+
+
+def data_of(items: list[Any], queue_id: str) -> bytes:
+    """The body of `queue_id` in a batch's (item, data) pairs."""
+    return next(data for item, data in items if item.queue_id == queue_id)
+
+
 T = TypeVar("T")
 
 
@@ -155,6 +162,8 @@ class SqlStore:
                 conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION))
             elif version > t.SCHEMA_VERSION:
                 raise StorageError(f"database schema {version} is newer than this Mailwarden ({t.SCHEMA_VERSION})")
+            elif version < t.SCHEMA_VERSION:  # every change so far only added tables, which create_all made
+                conn.execute(update(t.schema_version).values(version=t.SCHEMA_VERSION))
             if conn.execute(select(t.directory_serial.c.serial)).first() is None:
                 conn.execute(insert(t.directory_serial).values(serial=1))
 
@@ -271,7 +280,7 @@ class SqlStore:
             conn.execute(delete(t.mailboxes).where(t.mailboxes.c.account_id == account_id))
             conn.execute(delete(t.accounts).where(t.accounts.c.id == account_id))
             self._bump(conn)
-            return blobs
+            return self._delete_inline(conn, blobs)
 
         for name in await self._tx(work):
             self.blobs.delete(name)
@@ -389,16 +398,44 @@ class SqlStore:
         return await self._read(work)
 
     async def read_message(self, account: str, mailbox: str, uid: int) -> bytes:
-        def work(conn: Connection) -> str | None:
+        def work(conn: Connection) -> bytes:
             box = self._mailbox_row(conn, account, mailbox)
-            return conn.execute(
+            blob = conn.execute(
                 select(t.messages.c.blob).where(t.messages.c.mailbox_id == box.id, t.messages.c.uid == uid)
             ).scalar()
+            if blob is None:
+                raise StorageError(f"no message with UID {uid} in {mailbox}")
+            return self._read_blob(conn, blob)
 
-        blob = await self._read(work)
-        if blob is None:
-            raise StorageError(f"no message with UID {uid} in {mailbox}")
-        return self.blobs.read(blob)
+        return await self._read(work)
+
+    async def read_blob(self, stored: str) -> bytes:
+        """A body by the name a mailbox or queue row holds (`MessageInfo.blob`, `QueueEntry.blob`)."""
+        return await self._read(self._read_blob, stored)
+
+    def _read_blob(self, conn: Connection, stored: str) -> bytes:
+        if not is_inline(stored):
+            return self.blobs.read(stored)
+        data = conn.execute(select(t.blob_data.c.data).where(t.blob_data.c.name == stored)).scalar()
+        if data is None:
+            raise StorageError(f"message body {stored} is missing")
+        return bytes(data)
+
+    def _stage_blob(self, name: str, data: bytes, inline: list[dict[str, Any]]) -> str:
+        """Store a new body: small ones become rows (inserted by the caller, in its transaction), large ones files."""
+        if len(data) <= INLINE_MAX:
+            stored = DB_PREFIX + name
+            inline.append({"name": stored, "data": data})
+            return stored
+        self.blobs.write(name, data)
+        return name
+
+    def _delete_inline(self, conn: Connection, stored: list[str] | set[str]) -> list[str]:
+        """Delete the inline bodies among `stored` now; return the file names, to delete after commit."""
+        rows = [name for name in stored if is_inline(name)]
+        for i in range(0, len(rows), 500):
+            conn.execute(delete(t.blob_data).where(t.blob_data.c.name.in_(rows[i : i + 500])))
+        return [name for name in stored if not is_inline(name)]
 
     # ---- Delivery -------------------------------------------------------
 
@@ -414,6 +451,7 @@ class SqlStore:
         commits, so a committed row never points at a missing file.
         """
         now = time.time()
+        inline: list[dict[str, Any]] = []  # new small bodies, inserted below in this transaction
         if batch.local:
             accounts = {item.account_address for item, _ in batch.local}
             boxes = {
@@ -444,13 +482,13 @@ class SqlStore:
                     continue  # the account was deleted after the message was accepted
                 key = (item.queue_id, box.account_id)
                 if key in filed:
-                    self.blobs.write(filed[key], data)
+                    if not is_inline(filed[key]):  # an inline body committed with its row
+                        self.blobs.write(filed[key], data)
                     continue
                 uid = uidnext.get(box.id, box.uidnext)
                 uidnext[box.id] = uid + 1
-                blob = f"mbox/{box.account_id}/{box.id}/{uid}.eml"
                 from_, subject, date = header_summary(data)
-                self.blobs.write(blob, data)
+                blob = self._stage_blob(f"mbox/{box.account_id}/{box.id}/{uid}.eml", data, inline)
                 filed[key] = blob
                 rows.append(
                     {
@@ -473,19 +511,21 @@ class SqlStore:
                 conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == box_id).values(uidnext=nxt))
         if batch.remote:
             qids = {item.queue_id for item, _ in batch.remote}
-            queued = {
-                (r.queue_id, r.recipient)
-                for r in conn.execute(
-                    select(t.queue.c.queue_id, t.queue.c.recipient).where(t.queue.c.queue_id.in_(qids))
-                )
-            }
+            queued: set[tuple[str, str]] = set()
+            bodies: dict[str, str] = {}  # queue id -> stored body name
+            for r in conn.execute(
+                select(t.queue.c.queue_id, t.queue.c.recipient, t.queue.c.blob).where(t.queue.c.queue_id.in_(qids))
+            ):
+                queued.add((r.queue_id, r.recipient))
+                if r.queue_id not in bodies:
+                    bodies[r.queue_id] = r.blob
+                    if not is_inline(r.blob):  # a replay: the file may not have reached the disk
+                        self.blobs.write(r.blob, data_of(batch.remote, r.queue_id))
             rows = []
-            written: set[str] = set()
             for item, data in batch.remote:
-                blob = f"queue/{item.queue_id}.eml"
-                if blob not in written:
-                    self.blobs.write(blob, data)
-                    written.add(blob)
+                blob = bodies.get(item.queue_id)
+                if blob is None:
+                    blob = bodies[item.queue_id] = self._stage_blob(f"queue/{item.queue_id}.eml", data, inline)
                 if (item.queue_id, item.recipient) in queued:
                     continue
                 queued.add((item.queue_id, item.recipient))
@@ -505,6 +545,8 @@ class SqlStore:
                 )
             if rows:
                 conn.execute(insert(t.queue), rows)
+        if inline:
+            conn.execute(insert(t.blob_data), inline)
         self._insert_dmarc(conn, batch.dmarc)
 
     @staticmethod
@@ -577,10 +619,10 @@ class SqlStore:
         return await self._read(lambda conn: conn.execute(select(func.count()).select_from(t.queue)).scalar() or 0)
 
     async def delete_queued(self, queue_id: str) -> int:
-        def work(conn: Connection) -> tuple[int, set[str]]:
+        def work(conn: Connection) -> tuple[int, list[str]]:
             blobs = {r[0] for r in conn.execute(select(t.queue.c.blob).where(t.queue.c.queue_id == queue_id))}
             n = conn.execute(delete(t.queue).where(t.queue.c.queue_id == queue_id)).rowcount
-            return n, blobs
+            return n, self._delete_inline(conn, blobs)
 
         n, blobs = await self._tx(work)
         for name in blobs:
