@@ -20,10 +20,11 @@ from typing import Any, NoReturn
 from mailwarden import __version__
 from mailwarden import config as config_mod
 from mailwarden.config import ConfigError
+from mailwarden.outbound.dkim_keys import ensure_signing_keys, zone_lines
 from mailwarden.security.passwords import PasswordPolicyError, check_policy
 from mailwarden.security.tls import TlsConfigError, write_self_signed
 from mailwarden.server import InstancePaths, make_hashing, open_store, serve_forever
-from mailwarden.storage.interfaces import StorageError
+from mailwarden.storage.interfaces import SigningKey, StorageError
 from mailwarden.storage.sql import SqlStore
 
 
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmd(dom, "add", cmd_domain_add, "host a domain").add_argument("domain")
     cmd(dom, "list", cmd_domain_list, "list hosted domains")
+
+    dk = sub.add_parser("dkim", help="domain signing keys").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    cmd(dk, "show", cmd_dkim_show, "print a domain's DKIM TXT records").add_argument("domain")
 
     ali = sub.add_parser("alias", help="aliases and catch-alls").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
@@ -205,18 +211,19 @@ def cmd_init(args: argparse.Namespace) -> None:
     paths.config.write_text(config_mod.render(overrides))
     cfg = config_mod.load(paths.config)  # the file we wrote must validate
 
-    async def setup() -> None:
+    async def setup() -> list[SigningKey]:
         store = await open_store(paths)
         try:
             await store.add_domain(domain)
+            return (await ensure_signing_keys(store, [domain]))[domain]
         finally:
             await store.close()
 
-    asyncio.run(setup())
+    keys = asyncio.run(setup())
     print(f"Created instance in {paths.root} for {domain} (hostname {hostname}).")
     print(f"Config: {paths.config}")
     print()
-    print(dns_records(domain, hostname))
+    print(dns_records(domain, hostname, keys))
     if args.dev:
         listeners = ", ".join(f"{k.split('.')[1]} {v}" for k, v in config_mod.DEV_LISTENERS.items())
         print(f"Development listeners: {listeners}")
@@ -224,7 +231,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     _ = cfg
 
 
-def dns_records(domain: str, hostname: str) -> str:
+def dns_records(domain: str, hostname: str, keys: list[SigningKey]) -> str:
     return "\n".join(
         [
             "Publish these DNS records:",
@@ -233,7 +240,7 @@ def dns_records(domain: str, hostname: str) -> str:
             f"  {domain}.  IN MX   10 {hostname}.",
             f'  {domain}.  IN TXT  "v=spf1 mx -all"',
             f'  _dmarc.{domain}.  IN TXT  "v=DMARC1; p=quarantine; adkim=s; aspf=s; rua=mailto:postmaster@{domain}"',
-            "  (DKIM records follow once outbound signing is configured.)",
+            *(f"  {line}" for line in zone_lines(keys)),
             f"Set the PTR record of the server's address to {hostname}.",
         ]
     )
@@ -272,8 +279,33 @@ def cmd_config_defaults(args: argparse.Namespace) -> None:
 
 
 def cmd_domain_add(args: argparse.Namespace) -> None:
-    _with_store(args, lambda s: s.add_domain(args.domain))
-    print(f"added domain {args.domain.lower()}")
+    domain = args.domain.strip().lower()
+
+    async def add(store: SqlStore) -> list[SigningKey]:
+        await store.add_domain(domain)
+        return (await ensure_signing_keys(store, [domain]))[domain]
+
+    keys = _with_store(args, add)
+    print(f"added domain {domain}; publish its DKIM keys (they also seal mail it forwards):")
+    for line in zone_lines(keys):
+        print(f"  {line}")
+
+
+def cmd_dkim_show(args: argparse.Namespace) -> None:
+    domain = args.domain.strip().lower()
+
+    async def show(store: SqlStore) -> list[SigningKey]:
+        if not await store.is_local_domain(domain):
+            raise CliError(f"{domain} is not a hosted domain")
+        return await store.signing_keys(domain)
+
+    keys = [k for k in _with_store(args, show) if k.state in ("active", "retiring")]
+    if not keys:
+        raise CliError(f"{domain} has no DKIM keys yet; `mailwarden serve` makes them at start")
+    print(f"; DKIM keys of {domain} (publish every line)")
+    for key, line in zip(keys, zone_lines(keys), strict=True):
+        print(f"; {key.algorithm}, {key.state}, made {_fmt_time(key.created)}")
+        print(line)
 
 
 def cmd_domain_list(args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from mailwarden.dns.public_suffix import public_suffix_list
 from mailwarden.endpoints.smtp import ROLES, InboundChecks, SmtpServices, SmtpSession
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
+from mailwarden.outbound.dkim_keys import ensure_signing_keys
 from mailwarden.pipeline.filing import Filer
 from mailwarden.pipeline.inbound import DEFAULT_ACTIONS, InboundPolicy
 from mailwarden.security.passwords import PasswordHashing
@@ -135,6 +136,15 @@ async def recover_all_spools(config: Config, paths: InstancePaths, store: SqlSto
     return total
 
 
+async def before_listening(config: Config, paths: InstancePaths, store: SqlStore) -> None:
+    """Once per start, before any listener opens: recover the spools, and give every
+    hosted domain its signing keys (domains from before keys existed have none)."""
+    await recover_all_spools(config, paths, store)
+    made = await ensure_signing_keys(store, await store.list_domains())
+    for domain, keys in made.items():
+        log_event("dkim_keys_created", domain=domain, selectors=",".join(k.selector for k in keys))
+
+
 def inbound_checks(config: Config) -> InboundChecks | None:
     """The inbound check settings from config, or None when inbound.checks is off."""
     if not config.get("inbound.checks"):
@@ -178,7 +188,7 @@ class Server:
         self.store = await open_store(self.paths)
         standalone = self.sockets is None
         if standalone:
-            await recover_all_spools(cfg, self.paths, self.store)
+            await before_listening(cfg, self.paths, self.store)
         self.spool = make_spool(cfg, self.paths.spool / f"w{self.worker}", self.metrics)
         self.filer = Filer(self.spool, self.store, on_filed=self._update_gauges)
         self.filer.start()

@@ -26,10 +26,10 @@ from mailwarden.logs import log_event
 from mailwarden.server import (
     InstancePaths,
     Server,
+    before_listening,
     bind_listeners,
     open_store,
     ready_line,
-    recover_all_spools,
     run_until_signalled,
     write_listeners_file,
 )
@@ -115,7 +115,7 @@ class Supervisor:
     async def _recover(self) -> None:
         store = await open_store(self.paths)
         try:
-            await recover_all_spools(self.config, self.paths, store)
+            await before_listening(self.config, self.paths, store)
         finally:
             await store.close()
 

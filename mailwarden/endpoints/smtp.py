@@ -37,6 +37,8 @@ from mailwarden.config import Config
 from mailwarden.dns.resolver import Resolver
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
+from mailwarden.outbound.arc_seal import SealError, seal
+from mailwarden.outbound.dkim_keys import rsa_key
 from mailwarden.pipeline.filing import Filer
 from mailwarden.pipeline.headers import received_header
 from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message, evaluate_reputation
@@ -562,12 +564,14 @@ class SmtpSession(SMTP):
         qid = new_queue_id()
         local: dict[str, str] = {}
         remote: list[str] = []
+        remote_domain = ""  # the hosted domain that forwards (an alias to an outside address)
         for rcpt, res in zip(env.rcpt_tos, self.resolutions, strict=True):
             for account in res.local:
                 local.setdefault(account, rcpt)
             for target in res.remote:
                 if target not in remote:
                     remote.append(target)
+                remote_domain = remote_domain or rcpt.rpartition("@")[2].strip("<>").lower()
         ssl_obj = self._ssl_object()
         tls = (ssl_obj.version(), ssl_obj.cipher()[0], ssl_obj.cipher()[2]) if ssl_obj else None
         protocol = "ESMTP" + ("S" if tls else "") + ("A" if self.session.authenticated else "")  # type: ignore[union-attr]
@@ -581,6 +585,7 @@ class SmtpSession(SMTP):
             recipient=env.rcpt_tos[0] if len(env.rcpt_tos) == 1 else None,
         )
         data = received + prefix + message
+        arc_set = await self._seal_forward(data, remote_domain) if remote_domain and inbound is not None else b""
         envelope = {
             "sender": sender,
             "local": [[rcpt, account, mailbox] for account, rcpt in local.items()],
@@ -590,6 +595,8 @@ class SmtpSession(SMTP):
             "listener": self.role,
             "time": time.time(),
         }
+        if arc_set:
+            envelope["arc"] = arc_set.decode("latin-1")  # prepended to the forwarded copies only (filing.py)
         if self._dmarc_report is not None:
             envelope["dmarc"] = self._dmarc_report
             self._dmarc_report = None
@@ -613,6 +620,26 @@ class SmtpSession(SMTP):
             size=len(data),
         )
         return f"250 2.0.0 Ok: queued as {qid}"
+
+    async def _seal_forward(self, data: bytes, domain: str) -> bytes:
+        """The ARC set for mail this MX forwards (RFC 8617), signed with the forwarding domain's RSA key.
+
+        A message that cannot be sealed is still forwarded, without a new set:
+        the seal helps the next hop, and its absence is what every forward
+        without ARC looks like.
+        """
+        key = rsa_key(self.services.accounts.active_signing_keys(domain))
+        if key is None:
+            log_event("arc_seal_skipped", sid=self.sid, domain=domain, reason="no signing key for the domain")
+            return b""
+        authserv_id = self._checks_apply().policy.authserv_id  # type: ignore[union-attr]
+        try:
+            sealed = await asyncio.to_thread(seal, data, key, authserv_id)
+        except SealError as exc:
+            log_event("arc_seal_skipped", sid=self.sid, domain=domain, reason=str(exc))
+            return b""
+        log_event("arc_sealed", sid=self.sid, domain=domain, selector=key.selector)
+        return sealed
 
     async def _run_checks(self, inbound: InboundChecks, message: bytes, sender: str) -> tuple[bytes, str]:
         """The data-stage verdict: refuse (raises SmtpReply), or the checked message and its folder."""

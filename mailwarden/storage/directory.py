@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mailwarden.storage.interfaces import Account, Resolution, StorageError
+from mailwarden.storage.interfaces import Account, Resolution, SigningKey, StorageError
 
 _MAX_ALIAS_DEPTH = 8
 
@@ -31,6 +31,7 @@ class Directory:
     accounts: dict[str, Account] = field(default_factory=dict)
     aliases: dict[str, list[str]] = field(default_factory=dict)  # source -> targets
     owners: dict[str, list[str]] = field(default_factory=dict)  # target -> sources
+    signing_keys: dict[str, list[SigningKey]] = field(default_factory=dict)  # domain -> active keys
 
     @classmethod
     def build(
@@ -39,8 +40,12 @@ class Directory:
         domains: Iterable[str],
         accounts: Iterable[Account],
         aliases: Iterable[tuple[str, str]],
+        signing_keys: Iterable[SigningKey] = (),
     ) -> Directory:
         d = cls(serial, set(domains), {a.address: a for a in accounts})
+        for key in signing_keys:
+            if key.state == "active":
+                d.signing_keys.setdefault(key.domain, []).append(key)
         for source, target in aliases:
             d.aliases.setdefault(source, []).append(target)
             d.owners.setdefault(target, []).append(source)

@@ -25,6 +25,19 @@ class StorageError(Exception):
 
 
 @dataclass(frozen=True)
+class SigningKey:
+    """One domain key: DKIM signatures and ARC seals (outbound/dkim_keys.py makes them)."""
+
+    domain: str
+    selector: str
+    algorithm: str  # rsa-sha256 or ed25519-sha256
+    private_pem: str
+    public_txt: str  # the TXT record value for <selector>._domainkey.<domain>
+    created: float
+    state: str = "active"  # active, retiring, retired
+
+
+@dataclass(frozen=True)
 class Account:
     id: int
     address: str
@@ -139,6 +152,7 @@ class Accounts(Protocol):
     async def list_aliases(self) -> list[tuple[str, str]]: ...
     async def resolve(self, address: str, delimiter: str) -> Resolution: ...
     async def sender_addresses(self, account: str) -> set[str]: ...
+    def active_signing_keys(self, domain: str) -> list[SigningKey]: ...
 
 
 class Mailboxes(Protocol):

@@ -15,7 +15,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 2  # 2: blob_data (small bodies in the database)
+SCHEMA_VERSION = 3  # 2: blob_data (small bodies in the database); 3: dkim_keys
 
 metadata = MetaData()
 
@@ -82,6 +82,23 @@ messages = Table(
     UniqueConstraint("mailbox_id", "uid"),
     # The idempotency key: replaying the spool after a crash files nothing twice.
     UniqueConstraint("queue_id", "account_id"),
+)
+
+# Per-domain signing keys (DKIM, and ARC seals on forwarded mail). A key is
+# "active" (signs, and is published) until rotation makes it "retiring"
+# (published, no longer signs) and finally "retired" (may be unpublished).
+dkim_keys = Table(
+    "dkim_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("domain", String(253), nullable=False, index=True),
+    Column("selector", String(63), nullable=False),
+    Column("algorithm", String(32), nullable=False),  # rsa-sha256, ed25519-sha256
+    Column("private_pem", Text, nullable=False),
+    Column("public_txt", Text, nullable=False),  # the TXT record value to publish
+    Column("created", Float, nullable=False),
+    Column("state", String(16), nullable=False, default="active"),
+    UniqueConstraint("domain", "selector"),
 )
 
 # Bodies up to storage/blobs.INLINE_MAX; `messages.blob` / `queue.blob` hold "db:" + name.

@@ -34,6 +34,7 @@ from mailwarden.storage.interfaces import (
     MessageInfo,
     QueueEntry,
     Resolution,
+    SigningKey,
     StorageError,
 )
 
@@ -196,6 +197,7 @@ class SqlStore:
                         for r in conn.execute(select(t.accounts.c.id, t.accounts.c.address, t.accounts.c.password_hash))
                     ),
                     ((r[0], r[1]) for r in conn.execute(select(t.aliases.c.source, t.aliases.c.target))),
+                    self._signing_keys(conn),
                 )
         return self._directory
 
@@ -222,6 +224,34 @@ class SqlStore:
             if self._domain_id(conn, name) is not None:
                 raise StorageError(f"domain {name} already exists")
             conn.execute(insert(t.domains).values(name=name))
+            self._bump(conn)
+
+        await self._tx(work)
+
+    # ---- signing keys ---------------------------------------------------
+
+    @staticmethod
+    def _signing_keys(conn: Connection, domain: str | None = None) -> list[SigningKey]:
+        c = t.dkim_keys.c
+        query = select(c.domain, c.selector, c.algorithm, c.private_pem, c.public_txt, c.created, c.state)
+        if domain is not None:
+            query = query.where(c.domain == domain)
+        return [SigningKey(*r) for r in conn.execute(query.order_by(c.created, c.id))]
+
+    async def signing_keys(self, domain: str) -> list[SigningKey]:
+        """Every key of `domain`, oldest first, whatever its state."""
+        return await self._read(self._signing_keys, normalize_address(domain))
+
+    def active_signing_keys(self, domain: str) -> list[SigningKey]:
+        """The keys that sign for `domain` now, from the directory snapshot (no query)."""
+        return self.directory().signing_keys.get(normalize_address(domain), [])
+
+    async def add_signing_keys(self, keys: list[SigningKey]) -> None:
+        def work(conn: Connection) -> None:
+            for key in keys:
+                if self._domain_id(conn, key.domain) is None:
+                    raise StorageError(f"no such domain {key.domain}")
+            conn.execute(insert(t.dkim_keys), [asdict(k) for k in keys])
             self._bump(conn)
 
         await self._tx(work)
