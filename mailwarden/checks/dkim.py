@@ -64,12 +64,6 @@ def _rsa_public_key(exponent: int, modulus: int) -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(exponent, modulus).public_key()
 
 
-@functools.lru_cache(maxsize=1024)
-def _evaluate_pk(name: bytes, record: bytes) -> tuple[Any, int, bytes, bool]:
-    """dkimpy's key-record parse (ASN.1 in pure Python), once per distinct record: the parsed key is only read."""
-    return dkim.evaluate_pk(name, record)
-
-
 _HASHES = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
 _PURE_PYTHON_VERIFY = dkim.RSASSA_PKCS1_v1_5_verify
 dkim.RSASSA_PKCS1_v1_5_verify = _openssl_rsa_verify  # dkimpy looks the name up in its module at call time
@@ -181,6 +175,13 @@ class _Pending:
     key_name: str
 
 
+_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
+_WSP = re.compile(rb"\s+")
+_DIGITS = re.compile(rb"\d{1,18}")
+_COLON_LIST = re.compile(rb"\s*:\s*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def split_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """dkimpy's `rfc822_parse`, in linear time: ([name, value], …) and the CRLF body.
 
@@ -212,7 +213,7 @@ def split_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
                 raise dkim.MessageFormatError("the header section starts with a continuation line")
             parts[-1].append(line + b"\r\n")
             continue
-        m = re.match(rb"([\x21-\x7e]+?):", line)
+        m = _FIELD_NAME.match(line)
         if m is not None:
             parts.append([line[m.end(0) :] + b"\r\n"])
             headers.append([m.group(1), b""])
@@ -276,9 +277,9 @@ def _parse(index: int, header: tuple[bytes, bytes]) -> _Pending | DkimSignature:
         algorithm=_text(tags.get(b"a", b"")).lower(),
         result="permerror",
         reason="",
-        header_b=_text(re.sub(rb"\s+", b"", tags.get(b"b", b""))[:8]),
+        header_b=_text(_WSP.sub(b"", tags.get(b"b", b""))[:8]),
         identity=_text(tags.get(b"i", b"")),
-        body_length=int(tags[b"l"]) if re.fullmatch(rb"\d{1,18}", tags.get(b"l", b"x")) else None,
+        body_length=int(tags[b"l"]) if _DIGITS.fullmatch(tags.get(b"l", b"x")) else None,
     )
 
     def error(reason: str) -> DkimSignature:
@@ -290,7 +291,7 @@ def _parse(index: int, header: tuple[bytes, bytes]) -> _Pending | DkimSignature:
         return error(_short(exc))
     except Exception as exc:  # e.g. an i= shorter than d= makes dkimpy index out of range
         return error(f"invalid signature fields ({type(exc).__name__})")
-    include_headers = [h.lower() for h in re.split(rb"\s*:\s*", tags[b"h"].strip())]
+    include_headers = [h.lower() for h in _COLON_LIST.split(tags[b"h"].strip())]
     if b"from" not in include_headers:
         return error("h= does not include From (RFC 6376 §5.4)")
     try:
@@ -325,26 +326,41 @@ def _verify(verifier: dkim.DKIM, p: _Pending, key: list[bytes] | str) -> DkimSig
     return min(verdicts, key=lambda v: _PRECEDENCE.index(v.result))
 
 
-def _verify_with_key(verifier: dkim.DKIM, p: _Pending, record: bytes) -> DkimSignature:
-    summary, tags = p.summary, p.tags
+@functools.lru_cache(maxsize=1024)
+def _key_record(name: bytes, record: bytes, algorithm: bytes) -> tuple[Any, int, bytes, bool] | str:
+    """The usable key in `record` for a signature with a=`algorithm`, or why there is none.
+
+    Keys repeat across messages, and parsing one (tag list, then ASN.1 in pure
+    Python) cost more than the RSA verification itself, so each distinct
+    (record, a=) is judged once; the parsed key is only ever read.
+    """
     try:
         key_tags = parse_tag_value(record)
     except Exception:
-        return _with(summary, "permerror", "the key record is not a tag list")
+        return "the key record is not a tag list"
     if key_tags.get(b"p", None) == b"":
-        return _with(summary, "permerror", "the key has been revoked (empty p=)")  # RFC 6376 §3.6.1
-    algorithm = tags[b"a"]
+        return "the key has been revoked (empty p=)"  # RFC 6376 §3.6.1
     if key_tags.get(b"k", b"rsa") != _KEY_TYPE.get(algorithm):
-        return _with(summary, "permerror", f"a={_text(algorithm)} does not match the key type")
+        return f"a={_text(algorithm)} does not match the key type"
     hashes = key_tags.get(b"h")
-    if hashes is not None and algorithm.split(b"-")[-1] not in re.split(rb"\s*:\s*", hashes.strip()):
-        return _with(summary, "permerror", f"the key's h= does not allow a={_text(algorithm)}")
+    if hashes is not None and algorithm.split(b"-")[-1] not in _COLON_LIST.split(hashes.strip()):
+        return f"the key's h= does not allow a={_text(algorithm)}"
     try:
-        pk, bits, ktag, tlsrpt = _evaluate_pk(p.key_name.encode("ascii"), record)
+        pk, bits, ktag, tlsrpt = dkim.evaluate_pk(name, record)
     except Exception as exc:
-        return _with(summary, "permerror", f"unusable key: {_short(exc)}")
+        return f"unusable key: {_short(exc)}"
     if pk is None:
-        return _with(summary, "permerror", "the key is not for email")
+        return "the key is not for email"
+    return pk, bits, ktag, tlsrpt
+
+
+def _verify_with_key(verifier: dkim.DKIM, p: _Pending, record: bytes) -> DkimSignature:
+    summary, tags = p.summary, p.tags
+    algorithm = tags[b"a"]
+    key = _key_record(p.key_name.encode("ascii"), record, algorithm)
+    if isinstance(key, str):
+        return _with(summary, "permerror", key)
+    pk, bits, ktag, tlsrpt = key
     summary = _with(summary, summary.result, summary.reason, key_bits=bits)
 
     verifier.pk, verifier.keysize, verifier.ktag, verifier.seqtlsrpt = pk, bits, ktag, tlsrpt
@@ -395,7 +411,7 @@ def _with(summary: DkimSignature, result: str, reason: str, **changes: Any) -> D
 
 def _text(value: bytes) -> str:
     """Tag text for reports and logs: no control characters (no log or header injection), bounded."""
-    return re.sub(r"[\x00-\x1f\x7f]", "", value.decode("utf-8", "replace"))[:255]
+    return _CONTROL.sub("", value.decode("utf-8", "replace"))[:255]
 
 
 def ar_value(value: str) -> str:

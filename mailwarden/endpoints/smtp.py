@@ -184,6 +184,7 @@ class SmtpSession(SMTP):
         self._handle_hooks = {"MAIL": _HOOKS.handle_MAIL, "RCPT": _HOOKS.handle_RCPT}
         self.sid = f"{random.getrandbits(40):010x}"
         self.ip = "?"
+        self._untrusted_client: bool | None = None  # not in inbound.trusted_networks; known at the first ask
         self.errors = 0
         self.messages = 0
         self.user: str | None = None
@@ -441,9 +442,11 @@ class SmtpSession(SMTP):
 
     def _checks_apply(self) -> InboundChecks | None:
         inbound = self.services.inbound
-        if self.role != "mx" or self.session.authenticated or inbound is None or not inbound.applies_to(self.ip):  # type: ignore[union-attr]
+        if self.role != "mx" or self.session.authenticated or inbound is None:  # type: ignore[union-attr]
             return None
-        return inbound
+        if self._untrusted_client is None:  # the client's address is fixed: ask the network list once
+            self._untrusted_client = inbound.applies_to(self.ip)
+        return inbound if self._untrusted_client else None
 
     def _count_alerts(self, results: Iterable[CheckResult]) -> None:
         """Block list errors are the administrator's to fix: count them per zone for alerting."""
