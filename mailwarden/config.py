@@ -269,6 +269,9 @@ OPTIONS: tuple[Option, ...] = (
         "Block list queries for links in one message body (domains x zones).",
         minimum=0,
     ),
+    # ---- dkim (outbound signing) ----
+    # ---- delivery (outbound transport) ----
+    # ---- queue (outbound retries and bounces) ----
     Option("log.level", str, "info", "Log level.", choices=("debug", "info", "warning", "error")),
 )
 
