@@ -14,6 +14,7 @@ deps:
 	@missing=""; \
 	command -v smtp-source >/dev/null || missing="$$missing postfix"; \
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
+	command -v opendkim >/dev/null || missing="$$missing opendkim"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "please install:$$missing (apt-get install$$missing)"; exit 1; fi; \

@@ -20,10 +20,19 @@ from typing import Any, NoReturn
 from mailwarden import __version__
 from mailwarden import config as config_mod
 from mailwarden.config import ConfigError
-from mailwarden.outbound.dkim_keys import ensure_signing_keys, zone_lines
+from mailwarden.outbound.dkim_keys import (
+    Rotation,
+    ensure_signing_keys,
+    published,
+    record_name,
+    removable,
+    retire_due,
+    rotate,
+    zone_lines,
+)
 from mailwarden.security.passwords import PasswordPolicyError, check_policy
 from mailwarden.security.tls import TlsConfigError, write_self_signed
-from mailwarden.server import InstancePaths, make_hashing, open_store, serve_forever
+from mailwarden.server import InstancePaths, make_hashing, open_store, queue_wake_file, serve_forever
 from mailwarden.storage.interfaces import SigningKey, StorageError
 from mailwarden.storage.sql import SqlStore
 
@@ -79,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True, parser_class=_Parser
     )
     cmd(dk, "show", cmd_dkim_show, "print a domain's DKIM TXT records").add_argument("domain")
+    cmd(dk, "rotate", cmd_dkim_rotate, "new DKIM keys for a domain; the old ones retire after an overlap").add_argument(
+        "domain"
+    )
 
     ali = sub.add_parser("alias", help="aliases and catch-alls").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
@@ -100,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd(usr, "passwd", cmd_user_passwd, "set a new password")
     sp.add_argument("address")
     sp.add_argument("--password-stdin", action="store_true")
+    cmd(usr, "unhold", cmd_user_unhold, "lift a compromised-account hold and release its held mail").add_argument(
+        "address"
+    )
 
     mbx = sub.add_parser("mailbox", help="read mailboxes").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
@@ -125,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(que, "list", cmd_queue_list, "list queued recipients")
     cmd(que, "show", cmd_queue_show, "show a queued message").add_argument("queue_id")
     cmd(que, "delete", cmd_queue_delete, "delete a queued message").add_argument("queue_id")
+    cmd(que, "flush", cmd_queue_flush, "make every queued recipient due now and wake the running server")
+    cmd(que, "hold", cmd_queue_hold, "hold a message: never sent until released").add_argument("queue_id")
+    cmd(que, "release", cmd_queue_release, "release a held message for delivery now").add_argument("queue_id")
     return p
 
 
@@ -297,15 +315,45 @@ def cmd_dkim_show(args: argparse.Namespace) -> None:
     async def show(store: SqlStore) -> list[SigningKey]:
         if not await store.is_local_domain(domain):
             raise CliError(f"{domain} is not a hosted domain")
+        await retire_due(store)
         return await store.signing_keys(domain)
 
-    keys = [k for k in _with_store(args, show) if k.state in ("active", "retiring")]
+    every = _with_store(args, show)
+    keys = published(every)
     if not keys:
         raise CliError(f"{domain} has no DKIM keys yet; `mailwarden serve` makes them at start")
-    print(f"; DKIM keys of {domain} (publish every line)")
+    print(f"; DKIM keys of {domain} (publish every record)")
     for key, line in zip(keys, zone_lines(keys), strict=True):
-        print(f"; {key.algorithm}, {key.state}, made {_fmt_time(key.created)}")
+        state = key.state if key.retire_at is None else f"{key.state} until {_utc(key.retire_at)}, then remove"
+        print(f"; {key.algorithm}, {state}, made {_fmt_time(key.created)}")
         print(line)
+    for key in removable(every):
+        print(f"; retired: remove {record_name(key)}. IN TXT")
+
+
+def cmd_dkim_rotate(args: argparse.Namespace) -> None:
+    domain = args.domain.strip().lower()
+    overlap = _load_config(_paths(args)).get("dkim.rotation_overlap_days")
+
+    async def work(store: SqlStore) -> Rotation:
+        if not await store.is_local_domain(domain):
+            raise CliError(f"{domain} is not a hosted domain")
+        return await rotate(store, domain, overlap)
+
+    done = _with_store(args, work)
+    print(f"; DKIM keys of {domain} rotated: the new keys sign from now on.")
+    print("; Publish these records now:")
+    for line in zone_lines(done.new):
+        print(line)
+    if done.retiring:
+        print(f"; Keep the old records published until {_utc(done.retire_at)} (mail signed with them is still")
+        print("; in transit), then remove them:")
+        for key in done.retiring:
+            print(f"; remove after {_utc(done.retire_at)}: {record_name(key)}. IN TXT")
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
 def cmd_domain_list(args: argparse.Namespace) -> None:
@@ -340,6 +388,22 @@ def cmd_user_add(args: argparse.Namespace) -> None:
 def cmd_user_del(args: argparse.Namespace) -> None:
     _with_store(args, lambda s: s.delete_account(args.address))
     print(f"deleted user {args.address.lower()}")
+
+
+def cmd_user_unhold(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower()
+
+    async def unhold(store: SqlStore) -> tuple[bool, int]:
+        if await store.get_account(address) is None:
+            raise CliError(f"no such user {address}")
+        was_held = await store.unhold_account(address)
+        released = await store.release_held_from(sorted(await store.sender_addresses(address)))
+        return was_held, released
+
+    was_held, released = _with_store(args, unhold)
+    if not was_held and not released:
+        raise CliError(f"{address} is not on hold")
+    print(f"{address}: hold lifted; {released} held recipient(s) released for delivery")
 
 
 def cmd_user_list(args: argparse.Namespace) -> None:
@@ -390,7 +454,11 @@ def cmd_queue_show(args: argparse.Namespace) -> None:
     print(f"Size: {first.size}")
     print(f"Created: {_fmt_time(first.created)}")
     for e in entries:
-        print(f"Recipient: <{e.recipient}> status={e.status} attempts={e.attempts} last_error={e.last_error!r}")
+        due = _fmt_time(e.next_attempt) if e.status == "queued" else "-"
+        print(
+            f"Recipient: <{e.recipient}> status={e.status} attempts={e.attempts} next_attempt={due!r}"
+            f" last_error={e.last_error!r}"
+        )
     print()
     _write_bytes(data)
 
@@ -400,6 +468,36 @@ def cmd_queue_delete(args: argparse.Namespace) -> None:
     if n == 0:
         raise CliError(f"no queued message {args.queue_id}")
     print(f"deleted {args.queue_id.upper()} ({n} recipient{'s' if n != 1 else ''})")
+
+
+def _wake_queue_runner(args: argparse.Namespace) -> None:
+    """Touch the wake file a running server's queue runners look at every second."""
+    wake = queue_wake_file(_paths(args))
+    wake.parent.mkdir(parents=True, exist_ok=True)
+    wake.touch()  # updates the mtime of an existing file too
+
+
+def cmd_queue_flush(args: argparse.Namespace) -> None:
+    n = _with_store(args, lambda s: s.flush_queue(time.time()))
+    _wake_queue_runner(args)
+    print(f"{n} queued recipient{'s' if n != 1 else ''} due now")
+
+
+def cmd_queue_hold(args: argparse.Namespace) -> None:
+    qid = args.queue_id.upper()
+    n = _with_store(args, lambda s: s.hold_queued(qid))
+    if n == 0:
+        raise CliError(f"no queued message {args.queue_id}")
+    print(f"held {qid} ({n} recipient{'s' if n != 1 else ''})")
+
+
+def cmd_queue_release(args: argparse.Namespace) -> None:
+    qid = args.queue_id.upper()
+    n = _with_store(args, lambda s: s.release_queued(qid, time.time()))
+    if n == 0:
+        raise CliError(f"no held message {args.queue_id}")
+    _wake_queue_runner(args)
+    print(f"released {qid} ({n} recipient{'s' if n != 1 else ''})")
 
 
 async def _local_domains(paths: InstancePaths) -> list[str]:

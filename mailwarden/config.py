@@ -35,6 +35,27 @@ class Option:
     validator: Callable[[str, Any], None] | None = None  # raises ConfigError for a bad value
 
 
+LIMIT_KEYS = (  # the limits `limits.overrides` may set (outbound/limits.py)
+    "max_message_bytes",
+    "max_header_bytes",
+    "max_attachment_bytes",
+    "max_attachments_total_bytes",
+    "max_recipients",
+    "max_messages_per_session",
+)
+
+
+def _check_limit_overrides(key: str, value: Any) -> None:
+    for who, limits in value.items():
+        if not isinstance(limits, dict):
+            raise ConfigError(f"{key}.{who}: must be a table of limits, like {{ max_recipients = 500 }}")
+        for name, number in limits.items():
+            if name not in LIMIT_KEYS:
+                raise ConfigError(f"{key}.{who}: unknown limit {name!r}; one of {', '.join(LIMIT_KEYS)}")
+            if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+                raise ConfigError(f"{key}.{who}.{name}: must be a whole number >= 0")
+
+
 _ACTION_WORDS = ("none", "junk", "quarantine", "reject", "tempfail")
 
 
@@ -62,6 +83,14 @@ def _check_choices(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     for item in value:
         if item not in allowed:
             raise ConfigError(key, f"unknown check {item!r}; expected some of {', '.join(allowed)}")
+
+
+def _check_retry_schedule(key: str, value: Any) -> None:
+    if not value:
+        raise ConfigError(key, "needs at least one delay in seconds")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or item < 1:
+            raise ConfigError(key, f"delays are seconds >= 1, got {item!r}")
 
 
 def _check_str_list(key: str, value: Any) -> None:
@@ -269,9 +298,224 @@ OPTIONS: tuple[Option, ...] = (
         "Block list queries for links in one message body (domains x zones).",
         minimum=0,
     ),
+    # ---- limits and quotas (outbound/limits.py, outbound/quotas.py) ----
+    Option(
+        "limits.max_header_bytes",
+        int,
+        262_144,
+        "Largest header section of a message, in bytes; larger gets 552 5.3.4 at the end of DATA.",
+        minimum=1024,
+    ),
+    Option(
+        "limits.max_attachment_bytes",
+        int,
+        20_971_520,
+        "Largest single attachment (decoded size, estimated), in bytes; larger gets 552 5.3.4. 0 = only the message size limits it.",
+        minimum=0,
+    ),
+    Option(
+        "limits.max_attachments_total_bytes",
+        int,
+        26_214_400,
+        "Largest total of a message's attachments (decoded, estimated), in bytes. 0 = only the message size limits it.",
+        minimum=0,
+    ),
+    Option(
+        "limits.overrides",
+        dict,
+        {},
+        'Limits for a domain or a user, over the global ones (the user\'s entry wins over its domain\'s): e.g. { "example.org" = { max_recipients = 500 }, "news@example.org" = { max_recipients = 5000, max_message_bytes = 52428800 } }. Keys: max_message_bytes, max_header_bytes, max_attachment_bytes, max_attachments_total_bytes, max_recipients, max_messages_per_session.',
+        validator=lambda key, value: _check_limit_overrides(key, value),
+    ),
+    Option(
+        "quotas.user_messages_per_hour",
+        int,
+        200,
+        "Messages one user may send per clock hour (0 = no limit); past it 451 4.7.1.",
+        minimum=0,
+    ),
+    Option(
+        "quotas.user_messages_per_day", int, 1000, "Messages one user may send per UTC day (0 = no limit).", minimum=0
+    ),
+    Option(
+        "quotas.user_recipients_per_hour",
+        int,
+        500,
+        "Recipients one user may send to per clock hour (0 = no limit).",
+        minimum=0,
+    ),
+    Option(
+        "quotas.user_recipients_per_day",
+        int,
+        2000,
+        "Recipients one user may send to per UTC day (0 = no limit).",
+        minimum=0,
+    ),
+    Option(
+        "quotas.domain_messages_per_hour",
+        int,
+        2000,
+        "Messages all users of one domain may send per clock hour (0 = no limit).",
+        minimum=0,
+    ),
+    Option(
+        "quotas.domain_messages_per_day",
+        int,
+        10_000,
+        "Messages all users of one domain may send per UTC day (0 = no limit).",
+        minimum=0,
+    ),
+    Option(
+        "quotas.domain_recipients_per_hour",
+        int,
+        5000,
+        "Recipients for all users of one domain per clock hour (0 = no limit).",
+        minimum=0,
+    ),
+    Option(
+        "quotas.domain_recipients_per_day",
+        int,
+        20_000,
+        "Recipients for all users of one domain per UTC day (0 = no limit).",
+        minimum=0,
+    ),
+    Option(
+        "quotas.exempt",
+        list,
+        [],
+        'Users or domains the quotas do not apply to, e.g. ["news@example.org"] for a newsletter account.',
+        validator=_check_str_list,
+    ),
+    Option(
+        "hold.unique_recipients_per_hour",
+        int,
+        200,
+        "Hold an account's outbound mail when it writes to more unique outside recipients than this in an hour (0 = off).",
+        minimum=0,
+    ),
+    Option(
+        "hold.bounce_rate",
+        float,
+        0.3,
+        "Hold an account when more than this share of its deliveries in the last hour failed permanently.",
+        minimum=0,
+    ),
+    Option(
+        "hold.min_bounce_sample",
+        int,
+        20,
+        "Deliveries in the last hour needed before the bounce rate counts (0 = bounce signal off).",
+        minimum=0,
+    ),
+    Option(
+        "hold.new_ip_recipients",
+        int,
+        30,
+        "Hold an account that, within an hour of a login from a new address, writes to more unique outside recipients than this (0 = off).",
+        minimum=0,
+    ),
+    Option(
+        "hold.known_ip_days",
+        int,
+        30,
+        "A login address unused by the account for this many days counts as new.",
+        minimum=1,
+    ),
     # ---- dkim (outbound signing) ----
+    Option(
+        "dkim.rotation_overlap_days",
+        int,
+        7,
+        "Days a rotated-out DKIM key stays published and verifiable (longer than the queue lifetime) before it is retired.",
+        minimum=1,
+    ),
     # ---- delivery (outbound transport) ----
+    Option("delivery.port", int, 25, "TCP port of remote MX hosts; change it only for tests.", minimum=1),
+    Option(
+        "delivery.max_connections_per_host",
+        int,
+        4,
+        "Connections open at once to one MX host (idle ones included); each is reused for several messages.",
+        minimum=1,
+    ),
+    Option("delivery.connect_timeout", float, 30.0, "Seconds to connect to an MX and get its greeting.", minimum=1),
+    Option(
+        "delivery.command_timeout",
+        float,
+        300.0,
+        "Seconds to wait for the reply to one SMTP command (RFC 5321 §4.5.3.2: 5 minutes).",
+        minimum=1,
+    ),
+    Option(
+        "delivery.data_timeout",
+        float,
+        600.0,
+        "Seconds to send the message and get the reply to its final dot (RFC 5321 §4.5.3.2: 10 minutes).",
+        minimum=1,
+    ),
+    Option(
+        "delivery.idle_timeout", float, 5.0, "Seconds an idle connection is kept open for the next message.", minimum=0
+    ),
+    Option(
+        "delivery.ca_file",
+        str,
+        "",
+        "Extra PEM CA bundle trusted (with the system CAs) for MTA-STS policies and MX certificates.",
+    ),
+    Option(
+        "delivery.mta_sts_port", int, 443, "HTTPS port of MTA-STS policy hosts; change it only for tests.", minimum=1
+    ),
+    Option("delivery.mta_sts_timeout", float, 20.0, "Seconds to fetch one MTA-STS policy over HTTPS.", minimum=1),
     # ---- queue (outbound retries and bounces) ----
+    # The two delivery.relay_* options belong to the relay transport (outbound/relay.py),
+    # written with the queue runner, so they live under this anchor.
+    Option(
+        "delivery.relay_host",
+        str,
+        "",
+        "Send all outbound mail through this smart host (HOST:PORT) instead of delivering by MX. Empty: deliver by MX.",
+        is_address=True,
+    ),
+    Option(
+        "delivery.relay_tls",
+        bool,
+        True,
+        "Require STARTTLS with a certificate valid for the relay host (system CAs plus delivery.ca_file); otherwise defer. false: STARTTLS when offered, unverified.",
+    ),
+    Option(
+        "queue.retry_schedule",
+        list,
+        [60, 300, 900, 1800, 3600, 7200, 14400],
+        "Seconds to wait before each retry of a deferred recipient (a little jitter is added); the last value repeats.",
+        validator=_check_retry_schedule,
+    ),
+    Option(
+        "queue.max_lifetime",
+        int,
+        432_000,
+        "Seconds a recipient may stay deferred before it bounces (default 5 days).",
+        minimum=60,
+    ),
+    Option(
+        "queue.delay_warning",
+        int,
+        14_400,
+        "Seconds deferred before the sender gets one delay warning DSN per recipient; 0 = never.",
+        minimum=0,
+    ),
+    Option(
+        "queue.paused",
+        bool,
+        False,
+        "Keep outbound mail queued without trying to deliver it (maintenance, a standby node); incoming mail is still accepted.",
+    ),
+    Option(
+        "queue.max_concurrent_deliveries",
+        int,
+        20,
+        "Delivery attempts (SMTP transactions) in progress at once, shared by all workers.",
+        minimum=1,
+    ),
     Option("log.level", str, "info", "Log level.", choices=("debug", "info", "warning", "error")),
 )
 
@@ -365,7 +609,11 @@ def render(overrides: dict[str, Any] | None = None, with_docs: bool = True) -> s
     overrides = overrides or {}
     out: list[str] = ["# Mailwarden configuration. Every key is shown with its default and meaning.", ""]
     section = ""
-    for opt in OPTIONS:
+    # A section's options may sit under several anchors in OPTIONS (queue.*); TOML allows one [table] each.
+    first: dict[str, int] = {}
+    for i, opt in enumerate(OPTIONS):
+        first.setdefault(opt.key.split(".", 1)[0], i)
+    for opt in sorted(OPTIONS, key=lambda o: first[o.key.split(".", 1)[0]]):
         sec, name = opt.key.split(".", 1)
         if sec != section:
             if section:

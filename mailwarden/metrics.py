@@ -45,6 +45,32 @@ class Metrics:
             ["check", "zone"],
             registry=self.registry,
         )
+        self.quota_exceeded = Counter(
+            "mailwarden_quota_exceeded",
+            "Mail refused (451 4.7.1) because a sending quota was reached",
+            ["scope", "window", "unit"],
+            registry=self.registry,
+        )
+        self.queue_delivered = Counter(
+            "mailwarden_queue_delivered", "Queued recipients delivered (the remote said 250)", registry=self.registry
+        )
+        self.queue_deferred = Counter(
+            "mailwarden_queue_deferred",
+            "Delivery attempts deferred for a recipient (retried later)",
+            registry=self.registry,
+        )
+        self.queue_bounced = Counter(
+            "mailwarden_queue_bounced",
+            "Queued recipients given up on (permanent failure or expiry), by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.accounts_held = Counter(
+            "mailwarden_accounts_held",
+            "Accounts whose outbound mail was put on hold as possibly compromised, by signal",
+            ["signal"],
+            registry=self.registry,
+        )
         self._server = None
 
     def serve(self, host: str, port: int) -> int:

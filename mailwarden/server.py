@@ -10,25 +10,33 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mailwarden.checks.dnsbl import parse_zones
 from mailwarden.config import Config
-from mailwarden.dns import resolver_from_config
+from mailwarden.dns import Resolver, resolver_from_config
 from mailwarden.dns.public_suffix import public_suffix_list
 from mailwarden.endpoints.smtp import ROLES, InboundChecks, SmtpServices, SmtpSession
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
-from mailwarden.outbound.dkim_keys import ensure_signing_keys
+from mailwarden.outbound.compromise import CompromiseGuard, HoldPolicy
+from mailwarden.outbound.dkim_keys import ensure_signing_keys, retire_periodically
+from mailwarden.outbound.limits import LimitTable
+from mailwarden.outbound.queue_runner import QueueRunner, QueueSettings
+from mailwarden.outbound.quotas import Quotas
+from mailwarden.outbound.transports import TransportUnavailable, transport_from_config
 from mailwarden.pipeline.filing import Filer
 from mailwarden.pipeline.inbound import DEFAULT_ACTIONS, InboundPolicy
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
+from mailwarden.storage.interfaces import StorageError
 from mailwarden.storage.spool import Spool
 from mailwarden.storage.sql import SqlStore
 
@@ -141,12 +149,16 @@ async def before_listening(config: Config, paths: InstancePaths, store: SqlStore
     """Once per start, before any listener opens: recover the spools, and give every
     hosted domain its signing keys (domains from before keys existed have none)."""
     await recover_all_spools(config, paths, store)
+    # No queue runner is alive yet: a row still "sending" was cut off by a crash; send it again.
+    requeued = await store.requeue_sending()
+    if requeued:
+        log_event("queue_requeued", count=requeued, reason="start")
     made = await ensure_signing_keys(store, await store.list_domains())
     for domain, keys in made.items():
         log_event("dkim_keys_created", domain=domain, selectors=",".join(k.selector for k in keys))
 
 
-def inbound_checks(config: Config) -> InboundChecks | None:
+def inbound_checks(config: Config, resolver: Resolver | None = None) -> InboundChecks | None:
     """The inbound check settings from config, or None when inbound.checks is off."""
     if not config.get("inbound.checks"):
         return None
@@ -163,7 +175,7 @@ def inbound_checks(config: Config) -> InboundChecks | None:
         disabled=frozenset(config.get("inbound.disabled_checks")),
     )
     trusted = tuple(ipaddress.ip_network(n, strict=False) for n in config.get("inbound.trusted_networks"))
-    return InboundChecks(resolver_from_config(config), policy, trusted)
+    return InboundChecks(resolver or resolver_from_config(config), policy, trusted)
 
 
 @dataclass
@@ -182,7 +194,10 @@ class Server:
     serve_metrics: bool = True
     bound: dict[str, tuple[str, int]] = field(default_factory=dict)
     _queue_gauge_at: float = field(default=float("-inf"), init=False)
+    _housekeeping: asyncio.Task[None] | None = field(default=None, init=False)
     _queue_gauge_pending: bool = field(default=False, init=False)
+    queue_runner: QueueRunner | None = field(default=None, init=False)
+    transport: Any = field(default=None, init=False)  # outbound/transports.py
 
     async def start(self) -> None:
         cfg = self.config
@@ -193,11 +208,15 @@ class Server:
         if standalone:
             await before_listening(cfg, self.paths, self.store)
         self.spool = make_spool(cfg, self.paths.spool / f"w{self.worker}", self.metrics)
-        self.filer = Filer(self.spool, self.store, on_filed=self._update_gauges)
+        self.filer = Filer(self.spool, self.store, on_filed=self._on_filed)
         self.filer.start()
         await recover_spool(self.spool, self.filer)
         self.spool.start()
-        inbound = inbound_checks(cfg)
+        self.resolver = resolver_from_config(cfg)
+        await self._start_queue_runner(standalone)
+        if self.worker == 0:  # one process does the hourly key housekeeping
+            self._housekeeping = asyncio.create_task(retire_periodically(self.store), name="dkim-retire")
+        inbound = inbound_checks(cfg, self.resolver)  # one resolver (and cache) for checks and delivery
         if inbound is not None:
             # Build the public suffix list now, not in the first session that needs it.
             await asyncio.to_thread(public_suffix_list)
@@ -211,6 +230,9 @@ class Server:
             self.tls,
             inbound,
             reports=self.store,
+            limits=LimitTable.from_config(cfg),
+            quotas=Quotas.from_config(cfg, self.store),
+            guard=CompromiseGuard(HoldPolicy.from_config(cfg), self.store),
         )
         loop = asyncio.get_running_loop()
         sockets = bind_listeners(cfg) if standalone else dict(self.sockets or {})
@@ -233,6 +255,48 @@ class Server:
         self._update_gauges()
         if standalone:
             write_listeners_file(self.paths, self.bound)
+
+    async def _start_queue_runner(self, standalone: bool) -> None:
+        """Every worker runs a runner (claims keep them apart), with its share of the concurrency."""
+        if self.config.get("queue.paused"):
+            log_event("queue_runner_disabled", logging.WARNING, reason="queue.paused is true")
+            return
+        try:
+            self.transport = transport_from_config(self.config, self.resolver)
+        except TransportUnavailable as exc:
+            log_event("queue_runner_disabled", logging.WARNING, reason=str(exc))
+            return
+        workers = 1 if standalone else (self.config.get("server.workers") or os.cpu_count() or 1)
+        self.queue_runner = QueueRunner(
+            self.store,
+            self.transport,
+            QueueSettings.from_config(self.config, share=workers),
+            worker=self.worker,
+            metrics=self.metrics,
+            on_change=self._update_gauges,
+            wake_file=queue_wake_file(self.paths),
+            on_recorded=self._count_deliveries,
+        )
+        await self.queue_runner.start()
+
+    async def _count_deliveries(self, recorded: list[tuple[Any, Any, str]]) -> None:
+        """Finished deliveries count towards the sending account's bounce rate (outbound/compromise.py)."""
+        now = time.time()
+        directory = self.store.directory()
+        for row, _outcome, kind in recorded:
+            if kind == "deferred" or not row.sender:
+                continue
+            try:
+                accounts = directory.resolve(row.sender, "").local
+            except StorageError:
+                continue
+            for account in accounts[:1]:  # the sender's own account (an alias may point elsewhere too)
+                await self.store.note_delivery(account, failed=kind != "delivered", now=now)
+
+    def _on_filed(self) -> None:
+        self._update_gauges()
+        if self.queue_runner is not None:
+            self.queue_runner.wake()
 
     def _update_gauges(self) -> None:
         self.metrics.spool_outstanding.set(self.spool.outstanding())
@@ -268,12 +332,23 @@ class Server:
             server.close()
         for server in self._servers:
             await server.wait_closed()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         await self.filer.drained()
         await self.spool.stop()
         await self.filer.stop()
+        if self.queue_runner is not None:
+            await self.queue_runner.stop()
+        if self.transport is not None:
+            await self.transport.close()
         self.metrics.stop()
         await self.store.close()
         log_event("stopped")
+
+
+def queue_wake_file(paths: InstancePaths) -> Path:
+    """Touched by `queue flush` / `queue release`; every running queue runner looks at it each second."""
+    return paths.root / "run" / "queue-wake"
 
 
 def write_listeners_file(paths: InstancePaths, bound: dict[str, tuple[str, int]]) -> None:

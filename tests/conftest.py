@@ -41,6 +41,9 @@ TEST_CONFIG: dict[str, Any] = {
     "accounts.argon2_time_cost": 1,
     "accounts.hash_concurrency": 2,
     "inbound.trusted_networks": ["127.0.0.0/8", "::1/128"],
+    # Queued outbound mail stays queued, so tests can look at it; the queue runner's own
+    # tests (and delivery tests) switch this off and bring a real peer.
+    "queue.paused": True,
 }
 _TEST_DNS: list[str] = []  # HOST:PORT of the session's DNS server, set by the _dns_backend fixture
 
@@ -313,6 +316,7 @@ class DnsServer:
     servfail: set[str] = field(default_factory=set)
     silent: set[str] = field(default_factory=set)
     queries: list[tuple[str, str]] = field(default_factory=list)
+    authenticated: set[str] = field(default_factory=set)  # names whose answers carry the AD bit (DANE tests)
 
     def add(self, zone_text: str) -> None:
         from dnslib import RR
@@ -347,6 +351,9 @@ def _dns_backend() -> Iterator[DnsServer]:
             if name in state.servfail:
                 reply.header.rcode = RCODE.SERVFAIL
                 return reply
+            # dnslib's reply() copies the query's flags, AD included: set it only where a test says
+            # "DNSSEC-secure", as a validating resolver would.
+            reply.header.ad = 1 if name in state.authenticated else 0
             known = False
             for rr in state.records:
                 if rr.rname == qname:
@@ -386,4 +393,5 @@ def dns_server(_dns_backend: DnsServer) -> Iterator[DnsServer]:
     state.servfail.clear()
     state.silent.clear()
     state.queries.clear()
+    state.authenticated.clear()
     yield state

@@ -38,10 +38,22 @@ from mailwarden.dns.resolver import Resolver
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
 from mailwarden.outbound.arc_seal import SealError, seal
+from mailwarden.outbound.compromise import CompromiseGuard, HoldDecision, hold_alert
 from mailwarden.outbound.dkim_keys import rsa_key
+from mailwarden.outbound.limits import LimitTable, SendLimits, check_content
+from mailwarden.outbound.quotas import Quotas, alert_message
+from mailwarden.outbound.signing import is_trusted_client, sign_accepted
+from mailwarden.pipeline.content import ContentStage, outbound_hold_reason
 from mailwarden.pipeline.filing import Filer
 from mailwarden.pipeline.headers import received_header
-from mailwarden.pipeline.inbound import InboundEnvelope, InboundPolicy, evaluate_message, evaluate_reputation
+from mailwarden.pipeline.inbound import (
+    InboundEnvelope,
+    InboundPolicy,
+    evaluate_message,
+    evaluate_reputation,
+    inbound_content_stage,
+)
+from mailwarden.pipeline.local_mail import deliver_local
 from mailwarden.pipeline.recipients import check_recipient
 from mailwarden.pipeline.reports import dmarc_record
 from mailwarden.pipeline.submission import (
@@ -55,7 +67,7 @@ from mailwarden.protocol.smtp_reply import SmtpReply, clean_text, render_reply
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
 from mailwarden.storage.interfaces import Accounts, DmarcStore, Resolution
-from mailwarden.storage.spool import Spool, SpoolRecord, SpoolWriteError
+from mailwarden.storage.spool import Spool, SpoolRecord, SpoolWriteError, new_queue_id
 
 log = logging.getLogger("mailwarden.smtp")
 
@@ -65,11 +77,6 @@ _SIMPLE_PATH = re.compile(
     r"^<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)@"
     r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)?>(?:[ \t]+(.*))?$"
 )
-
-
-def new_queue_id() -> str:
-    """Sortable by time (microseconds), with 24 random bits so workers and nodes don't collide."""
-    return f"{time.time_ns() // 1000:014x}{random.getrandbits(24):06x}".upper()
 
 
 @dataclass
@@ -85,6 +92,9 @@ class SmtpServices:
     tls: ServerTls
     inbound: InboundChecks | None = None  # None: inbound.checks is off
     reports: DmarcStore | None = None
+    limits: LimitTable | None = None  # None: the global values from config
+    quotas: Quotas | None = None  # None: no sending quotas
+    guard: CompromiseGuard | None = None  # None: no compromised-account hold
 
 
 @dataclass
@@ -94,6 +104,11 @@ class InboundChecks:
     resolver: Resolver
     policy: InboundPolicy
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    content: ContentStage | None = None  # the content checks, shared with outbound mail
+
+    def __post_init__(self) -> None:
+        if self.content is None:
+            self.content = inbound_content_stage(self.policy, self.resolver)
 
     def applies_to(self, ip: str) -> bool:
         try:
@@ -137,8 +152,6 @@ class SmtpSession(SMTP):
         self.services = services
         self.role = role
         self.cfg_max_size: int = cfg.get("smtp.max_message_size")
-        self.cfg_max_rcpt: int = cfg.get("smtp.max_recipients")
-        self.cfg_max_msgs: int = cfg.get("smtp.max_messages_per_session")
         self.cfg_max_cmd: int = cfg.get("smtp.max_command_line")
         self.cfg_max_errors: int = cfg.get("smtp.max_errors")
         self.cfg_data_line: int = cfg.get("smtp.max_data_line")
@@ -398,7 +411,7 @@ class SmtpSession(SMTP):
     # ---- MAIL / RCPT policy (called from aiosmtpd through _Hooks) ----------
 
     async def on_mail(self, address: str, options: list[str]) -> str:
-        if self.messages >= self.cfg_max_msgs:
+        if self.messages >= self._limits().max_messages_per_session:
             self._reject("too_many_messages")
             raise SmtpReply(421, "4.7.0", "Too many messages in this session", close=True)
         sender = "" if address == "<>" else address
@@ -411,6 +424,9 @@ class SmtpSession(SMTP):
                 self._reject("sender_not_owned")
                 log_event("reject", sid=self.sid, ip=self.ip, user=self.user, reason="sender_not_owned", sender=sender)
                 return reply.line()
+            refusal = await self._quota_refusal(messages=1, recipients=0)
+            if refusal is not None:
+                return refusal
         self.envelope.mail_from = address  # type: ignore[union-attr]
         self.envelope.mail_options.extend(options)  # type: ignore[union-attr]
         return "250 2.1.0 Sender OK"
@@ -418,7 +434,7 @@ class SmtpSession(SMTP):
     async def on_rcpt(self, address: str) -> str:
         env = self.envelope
         assert env is not None
-        if len(env.rcpt_tos) >= self.cfg_max_rcpt:
+        if len(env.rcpt_tos) >= self._limits().max_recipients:
             self._reject("too_many_recipients")
             return "452 4.5.3 Too many recipients"
         try:
@@ -434,11 +450,101 @@ class SmtpSession(SMTP):
             log_event("reject", sid=self.sid, ip=self.ip, reason=reason, rcpt=clean_text(address))
             return reply.line()
         refusal = await self._reputation_refusal()
+        if refusal is None and self.session.authenticated:  # type: ignore[union-attr]
+            refusal = await self._quota_refusal(messages=0, recipients=len(env.rcpt_tos) + 1)
         if refusal is not None:
             return refusal
         env.rcpt_tos.append(address)
         self.resolutions.append(res)
         return "250 2.1.5 Recipient OK"
+
+    def _limits(self) -> SendLimits:
+        """The size and count limits for this session's sender (outbound/limits.py)."""
+        if self.services.limits is None:
+            self.services.limits = LimitTable.from_config(self.services.config)
+        return self.services.limits.for_sender(self.user)  # set only by a successful AUTH
+
+    async def _hold_reason(self, remote: list[str], message: bytes) -> str:
+        """Why this user's outside mail must be held ("" to send): the account is on hold, this message
+        puts it there, or the content stage (the same checks inbound mail gets) calls the message spam."""
+        guard = self.services.guard
+        assert self.user
+        if guard is not None:
+            reason = await guard.held(self.user)
+            if reason:
+                return reason
+        content_reason = await self._outbound_content_reason(message)
+        if content_reason:
+            return content_reason
+        decision = await guard.after_accept(self.user, remote) if guard is not None else None
+        if decision is None:
+            return ""
+        self.services.metrics.accounts_held.labels(decision.signal).inc()
+        log_event(
+            "account_held", logging.WARNING, sid=self.sid, ip=self.ip, user=self.user, signal=decision.signal,
+            reason=decision.reason,
+        )  # fmt: skip
+        primary = self.services.config.get("server.primary_domain") or self.hostname
+        postmaster = f"postmaster@{primary}"
+        try:
+            await deliver_local(
+                self.services, postmaster, hold_alert(self.user, decision, postmaster, self.hostname), "account_held"
+            )
+        except Exception as exc:  # the hold stands even if the alert cannot be filed
+            log_event("local_mail_failed", logging.ERROR, rcpt=postmaster, error=type(exc).__name__)
+        return decision.reason
+
+    async def _outbound_content_reason(self, message: bytes) -> str:
+        """Spam from an authenticated user is held with an alert, not sent (a compromised account, usually)."""
+        inbound = self.services.inbound
+        if inbound is None or inbound.content is None:
+            return ""
+        results = await inbound.content.run(message, "outbound", inbound.policy.disabled)
+        why = outbound_hold_reason(results, inbound.policy.junk_score)
+        if not why:
+            return ""
+        reason = f"outbound content: {why}"
+        self.services.metrics.accounts_held.labels("outbound_content").inc()
+        log_event("outbound_content_held", logging.WARNING, sid=self.sid, ip=self.ip, user=self.user, reason=reason)
+        primary = self.services.config.get("server.primary_domain") or self.hostname
+        postmaster = f"postmaster@{primary}"
+        decision = HoldDecision("outbound_content", reason)
+        try:
+            await deliver_local(
+                self.services,
+                postmaster,
+                hold_alert(self.user or "", decision, postmaster, self.hostname, account=False),
+                "outbound_content_held",
+            )
+        except Exception as exc:  # the message stays held even if the alert cannot be filed
+            log_event("local_mail_failed", logging.ERROR, rcpt=postmaster, error=type(exc).__name__)
+        return reason
+
+    async def _quota_refusal(self, *, messages: int, recipients: int) -> str | None:
+        """451 4.7.1 when this user's or domain's sending quota would be exceeded; alerts the admin."""
+        quotas = self.services.quotas
+        if quotas is None or not self.user:
+            return None
+        exceeded = await quotas.check(self.user, messages, recipients)
+        if exceeded is None:
+            return None
+        q = exceeded.limit
+        self._reject("quota")
+        self.services.metrics.quota_exceeded.labels(q.scope, q.window, q.unit).inc()
+        log_event(
+            "quota_exceeded", logging.WARNING, sid=self.sid, ip=self.ip, user=self.user, subject=exceeded.subject,
+            scope=q.scope, window=q.window, unit=q.unit, limit=q.limit, used=exceeded.used,
+        )  # fmt: skip
+        if await quotas.first_alert(exceeded):
+            primary = self.services.config.get("server.primary_domain") or self.hostname
+            postmaster = f"postmaster@{primary}"
+            try:
+                await deliver_local(
+                    self.services, postmaster, alert_message(exceeded, postmaster, self.hostname), "quota_exceeded"
+                )
+            except Exception as exc:  # the alert must never turn a 451 into a crash
+                log_event("local_mail_failed", logging.ERROR, rcpt=postmaster, error=type(exc).__name__)
+        return exceeded.reply().line()
 
     def _checks_apply(self) -> InboundChecks | None:
         inbound = self.services.inbound
@@ -503,7 +609,8 @@ class SmtpSession(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self.cfg_data_timeout)
-        framer = DataFramer(self.cfg_max_size, self.cfg_data_line)
+        max_size = self._limits().max_message_bytes
+        framer = DataFramer(max_size, self.cfg_data_line)
         buf = bytearray()
         end: EndOfData | None = None
         while end is None:
@@ -523,7 +630,7 @@ class SmtpSession(SMTP):
             self._reader._buffer[0:0] = end.leftover  # type: ignore[attr-defined]
         self._reset_timeout()
         if end.error is not None:
-            await self._refuse_data(end.error)
+            await self._refuse_data(end.error, max_size)
             return
         try:
             reply = await self._accept(bytes(buf))
@@ -532,7 +639,7 @@ class SmtpSession(SMTP):
         self._set_post_data_state()
         await self.push(reply)
 
-    async def _refuse_data(self, error: DataError) -> None:
+    async def _refuse_data(self, error: DataError, max_size: int) -> None:
         self._reject(error.value)
         log_event("reject", sid=self.sid, ip=self.ip, reason=error.value)
         self._set_post_data_state()
@@ -541,7 +648,7 @@ class SmtpSession(SMTP):
             await self.push("550 5.5.2 Message refused: bare CR or LF in DATA; lines must end with CRLF")
             await self._close_with("421 4.7.0 Closing connection after framing error", "bare_newline")
         elif error is DataError.TOO_BIG:
-            await self.push(f"552 5.3.4 Message exceeds the size limit of {self.cfg_max_size} bytes")
+            await self.push(f"552 5.3.4 Message exceeds the size limit of {max_size} bytes")
         else:
             await self.push(f"554 5.6.0 Message has a line longer than {self.cfg_data_line} bytes")
 
@@ -550,6 +657,12 @@ class SmtpSession(SMTP):
         env = self.envelope
         assert env is not None
         sender = "" if env.mail_from == "<>" else (env.mail_from or "")
+        try:
+            check_content(message, self._limits())
+        except SmtpReply as reply:
+            self._reject("content_limit")
+            log_event("reject", sid=self.sid, ip=self.ip, user=self.user, reason="content_limit", detail=reply.text)
+            raise
         header_block, _ = split_header_block(message)
         prefix = b""
         if self.session.authenticated:  # type: ignore[union-attr]
@@ -588,6 +701,10 @@ class SmtpSession(SMTP):
             recipient=env.rcpt_tos[0] if len(env.rcpt_tos) == 1 else None,
         )
         data = received + prefix + message
+        ours = is_trusted_client(self.ip, self.services.config.get("inbound.trusted_networks"))
+        if self.session.authenticated or ours:  # type: ignore[union-attr]
+            accounts = self.services.accounts
+            data = await sign_accepted(prefix + message, header_block, sender, accounts.active_signing_keys, qid) + data
         arc_set = await self._seal_forward(data, remote_domain) if remote_domain and inbound is not None else b""
         envelope = {
             "sender": sender,
@@ -600,6 +717,10 @@ class SmtpSession(SMTP):
         }
         if arc_set:
             envelope["arc"] = arc_set.decode("latin-1")  # prepended to the forwarded copies only (filing.py)
+        if remote and self.user:
+            hold = await self._hold_reason(remote, message)
+            if hold:
+                envelope["hold"] = hold  # queued as "held": never sent until released
         if self._dmarc_report is not None:
             envelope["dmarc"] = self._dmarc_report
             self._dmarc_report = None
@@ -611,6 +732,11 @@ class SmtpSession(SMTP):
             raise SmtpReply(451, "4.3.0", "Temporary storage failure, try again later") from None
         self.services.filer.submit(SpoolRecord(qid, envelope, data))
         self.messages += 1
+        if self.session.authenticated and self.services.quotas is not None and self.user:  # type: ignore[union-attr]
+            try:
+                await self.services.quotas.count(self.user, len(env.rcpt_tos))
+            except Exception as exc:  # the message is safe; a lost count must not fail it
+                log_event("quota_count_failed", logging.ERROR, sid=self.sid, qid=qid, error=type(exc).__name__)
         self.services.metrics.accepted.labels(self.role).inc()
         log_event(
             "accepted",
@@ -657,6 +783,7 @@ class SmtpSession(SMTP):
             inbound.resolver,
             policy,
             self.early_results or (),
+            inbound.content,
         )
         log_event(
             "verdict",
@@ -738,5 +865,8 @@ class SmtpSession(SMTP):
             return AuthResult(success=False, handled=False)
         self.user = login
         self.owned = set()
+        self.data_size_limit = self._limits().max_message_bytes  # aiosmtpd checks MAIL ... SIZE= against it
         log_event("auth_ok", sid=self.sid, proto="smtp", ip=self.ip, user=login)
+        if self.services.guard is not None and await self.services.guard.login(login, self.ip):
+            log_event("login_new_ip", sid=self.sid, proto="smtp", ip=self.ip, user=login)
         return AuthResult(success=True, handled=False, auth_data=login)

@@ -32,7 +32,12 @@ def batch_for(records: list[SpoolRecord]) -> DeliveryBatch:
         # Forwarded copies carry the ARC set the MX made for them (endpoints/smtp.py).
         remote_body = env["arc"].encode("latin-1") + rec.body if env.get("arc") else rec.body
         for rcpt in env.get("remote", []):
-            batch.remote.append((RemoteDelivery(rec.queue_id, sender, rcpt), remote_body))
+            batch.remote.append(
+                (
+                    RemoteDelivery(rec.queue_id, sender, rcpt, env.get("user") or "", env.get("hold") or ""),
+                    remote_body,
+                )
+            )
         if env.get("dmarc"):
             batch.dmarc.append(
                 dmarc_record(rec.queue_id, float(env.get("time", 0.0)), str(env.get("ip", "")), env["dmarc"])

@@ -26,10 +26,10 @@ from mailwarden.checks.dnsbl import DnsblZone, check_domain, check_ip
 from mailwarden.checks.from_header import FromHeaderError, parse_author
 from mailwarden.checks.result import Action, CheckResult
 from mailwarden.checks.spf import evaluate_spf
-from mailwarden.checks.uribl import check_body
 from mailwarden.dns import eager
 from mailwarden.dns.resolver import Resolver
 from mailwarden.pipeline.auth_results import render_auth_results, strip_claimed_auth_results
+from mailwarden.pipeline.content import ContentStage, UriblCheck
 from mailwarden.protocol.smtp_reply import SmtpReply
 
 # What each result means unless the administrator says otherwise: an action
@@ -120,6 +120,7 @@ async def evaluate_message(
     resolver: Resolver,
     policy: InboundPolicy,
     earlier: Sequence[CheckResult] = (),
+    content: ContentStage | None = None,
 ) -> tuple[Verdict, bytes]:
     """The verdict, and the message with forged Authentication-Results removed and ours prepended.
 
@@ -139,7 +140,9 @@ async def evaluate_message(
         if impersonation is not None:
             results.append(impersonation)
     off = policy.disabled
-    spf, dkim, arc, links = await eager.gather(
+    if content is None:
+        content = inbound_content_stage(policy, resolver)
+    spf, dkim, arc, content_results = await eager.gather(
         _maybe(
             "spf",
             off,
@@ -151,9 +154,10 @@ async def evaluate_message(
             off,
             evaluate_arc(cleaned, resolver, trusted_sealers=policy.trusted_arc_sealers, remote_ip=envelope.ip),
         ),
-        _maybe("uribl", off, check_body(cleaned, policy.zones, resolver, max_lookups=policy.max_body_lookups)),
+        content.run(cleaned, "inbound", off),
     )
-    results += [r for r in (spf, dkim, arc, links) if r.result != "off"]
+    results += [r for r in (spf, dkim, arc) if r.result != "off"]
+    results += content_results
     if author is not None and "dmarc" not in off:
         spf_identity = SpfIdentity(
             spf.result,
@@ -198,6 +202,11 @@ def display_name_impersonation(
             reason=f"display name shows {match.group(0)} but the address is in {author_domain}",
         )
     return None
+
+
+def inbound_content_stage(policy: InboundPolicy, resolver: Resolver) -> ContentStage:
+    """The content checks for this policy (the same stage serves outbound mail; pipeline/content.py)."""
+    return ContentStage([UriblCheck(policy.zones, resolver, policy.max_body_lookups)])
 
 
 async def _maybe(name: str, disabled: frozenset[str], work: Awaitable[CheckResult]) -> CheckResult:

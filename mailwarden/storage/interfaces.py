@@ -25,6 +25,25 @@ class StorageError(Exception):
 
 
 @dataclass(frozen=True)
+class Activity:
+    """One account's last hour, for compromised-account detection (outbound/compromise.py)."""
+
+    unique_outside_recipients: int
+    attempts: int  # delivery attempts that ended (delivered or failed) in the last hour
+    failures: int  # of those, permanent failures
+    new_ip_login: str | None  # the new IP a login came from within the last hour, if any
+    recipients_since_new_ip: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one user or domain sent in one quota window (outbound/quotas.py)."""
+
+    messages: int = 0
+    recipients: int = 0
+
+
+@dataclass(frozen=True)
 class SigningKey:
     """One domain key: DKIM signatures and ARC seals (outbound/dkim_keys.py makes them)."""
 
@@ -35,6 +54,7 @@ class SigningKey:
     public_txt: str  # the TXT record value for <selector>._domainkey.<domain>
     created: float
     state: str = "active"  # active, retiring, retired
+    retire_at: float | None = None  # a retiring key: when the rotation overlap ends and it becomes retired
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,39 @@ class QueueEntry:
     last_error: str
     size: int
     blob: str
+    id: int = 0  # the row, for the queue runner's claims and outcomes
+    lease_until: float = 0.0  # while "sending": when the claim lapses
+    warned: bool = False  # a delay warning went to the sender
+
+    @property
+    def domain(self) -> str:
+        return self.recipient.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True)
+class QueueUpdate:
+    """What the queue runner records about one claimed row after an attempt.
+
+    `remove` (delivered, or bounced) deletes the row; otherwise it goes back
+    to "queued" (or stays "held" if an admin held it meanwhile) for `next_attempt`.
+    """
+
+    id: int
+    remove: bool
+    next_attempt: float = 0.0
+    last_error: str = ""
+    warned: bool = False
+
+
+@dataclass
+class QueueFiling:
+    """Mail the runner makes (a DSN) for some rows, filed in the same transaction as their updates.
+
+    Filed only if at least one of `row_ids` still exists (an admin may have deleted the message).
+    """
+
+    row_ids: tuple[int, ...]
+    batch: DeliveryBatch
 
 
 @dataclass
@@ -97,6 +150,8 @@ class RemoteDelivery:
     queue_id: str
     sender: str
     recipient: str
+    user: str = ""  # the authenticated sender, if any: bounces count against its account (outbound/compromise.py)
+    hold: str = ""  # why this copy is held (the account is on hold); "" = send
 
 
 @dataclass
@@ -169,6 +224,13 @@ class DmarcStore(Protocol):
 class Queue(Protocol):
     async def list_queue(self) -> list[QueueEntry]: ...
     async def delete_queued(self, queue_id: str) -> int: ...
+    async def claim_due(self, now: float, max_messages: int, lease_until: float, owner: int) -> list[QueueEntry]: ...
+    async def finish_queued(self, updates: list[QueueUpdate], filings: list[QueueFiling]) -> int: ...
+    async def requeue_sending(self, owner: int | None = None, lapsed_before: float | None = None) -> int: ...
+    async def next_due(self) -> float | None: ...
+    async def flush_queue(self, now: float) -> int: ...
+    async def hold_queued(self, queue_id: str) -> int: ...
+    async def release_queued(self, queue_id: str, now: float) -> int: ...
 
 
 class Delivery(Protocol):

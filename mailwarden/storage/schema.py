@@ -6,6 +6,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -15,7 +16,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 3  # 2: blob_data (small bodies in the database); 3: dkim_keys
+SCHEMA_VERSION = 4  # 2: blob_data (small bodies in the database); 3: dkim_keys; 4: dkim_keys.retire_at
 
 metadata = MetaData()
 
@@ -84,6 +85,50 @@ messages = Table(
     UniqueConstraint("queue_id", "account_id"),
 )
 
+# Sending counts per user and per domain in fixed windows (outbound/quotas.py).
+send_counters = Table(
+    "send_counters",
+    metadata,
+    Column("subject", String(320), primary_key=True),  # a user address or a domain
+    Column("window", String(8), primary_key=True),  # "hour" or "day"
+    Column("start", Integer, primary_key=True),  # window start, Unix seconds
+    Column("messages", Integer, nullable=False, default=0),
+    Column("recipients", Integer, nullable=False, default=0),
+    Column("alerted", Integer, nullable=False, default=0),  # postmaster was told about this window
+)
+
+# Compromised-account detection (outbound/compromise.py).
+login_ips = Table(
+    "login_ips",
+    metadata,
+    Column("user", String(320), primary_key=True),
+    Column("ip", String(64), primary_key=True),
+    Column("last_seen", Float, nullable=False),
+    Column("new_at", Float),  # when a login came from this IP while it was new to the account
+)
+recent_recipients = Table(
+    "recent_recipients",
+    metadata,
+    Column("user", String(320), primary_key=True),
+    Column("hash", String(32), primary_key=True),  # sha256 prefix of the address: identity, not the address
+    Column("at", Float, nullable=False, index=True),
+)
+delivery_outcomes = Table(
+    "delivery_outcomes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user", String(320), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("failed", Integer, nullable=False),
+)
+account_holds = Table(
+    "account_holds",
+    metadata,
+    Column("user", String(320), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("since", Float, nullable=False),
+)
+
 # Per-domain signing keys (DKIM, and ARC seals on forwarded mail). A key is
 # "active" (signs, and is published) until rotation makes it "retiring"
 # (published, no longer signs) and finally "retired" (may be unpublished).
@@ -98,6 +143,7 @@ dkim_keys = Table(
     Column("public_txt", Text, nullable=False),  # the TXT record value to publish
     Column("created", Float, nullable=False),
     Column("state", String(16), nullable=False, default="active"),
+    Column("retire_at", Float),  # when a "retiring" key becomes "retired" (end of the rotation overlap)
     UniqueConstraint("domain", "selector"),
 )
 
@@ -123,7 +169,21 @@ queue = Table(
     Column("last_error", Text, nullable=False, default=""),
     Column("size", Integer, nullable=False),
     Column("blob", Text, nullable=False),
+    # The queue runner (outbound/queue_runner.py): a row it is sending is "sending"
+    # until `lease_until`, claimed by worker `lease_owner`; "held" rows are never sent.
+    # Added after schema 3: SqlStore adds them to older databases (QUEUE_UPGRADE_COLUMNS).
+    Column("lease_until", Float, nullable=False, default=0.0, server_default="0"),
+    Column("lease_owner", Integer, nullable=False, default=-1, server_default="-1"),
+    Column("warned", Integer, nullable=False, default=0, server_default="0"),  # delay warning sent
     UniqueConstraint("queue_id", "recipient"),
+    Index("ix_queue_due", "status", "next_attempt"),
+)
+
+# Columns of `queue` that databases made before them lack, as (name, SQL type and default).
+QUEUE_UPGRADE_COLUMNS = (
+    ("lease_until", "FLOAT NOT NULL DEFAULT 0"),
+    ("lease_owner", "INTEGER NOT NULL DEFAULT -1"),
+    ("warned", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 

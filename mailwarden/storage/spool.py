@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,11 @@ from typing import Any
 MAGIC = b"MWJ1"
 _HEAD = struct.Struct(">4sIQI")  # magic, header length, body length, crc32
 _MAX_HEADER = 16 * 1024 * 1024
+
+
+def new_queue_id() -> str:
+    """Sortable by time (microseconds), with 24 random bits so workers and nodes don't collide."""
+    return f"{time.time_ns() // 1000:014x}{random.getrandbits(24):06x}".upper()
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import email.header
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Connection, Engine, case, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import inspect as sa_inspect
 
 from mailwarden.storage import schema as t
 from mailwarden.storage.blobs import DB_PREFIX, INLINE_MAX, FileBlobs, is_inline
@@ -28,14 +29,18 @@ from mailwarden.storage.directory import Directory, split_address
 from mailwarden.storage.interfaces import (
     SPECIAL_MAILBOXES,
     Account,
+    Activity,
     DeliveryBatch,
     DmarcRecord,
     MailboxInfo,
     MessageInfo,
     QueueEntry,
+    QueueFiling,
+    QueueUpdate,
     Resolution,
     SigningKey,
     StorageError,
+    Usage,
 )
 
 _HEADER_SCAN_LIMIT = 64 * 1024
@@ -158,15 +163,32 @@ class SqlStore:
     def _create_schema(self) -> None:
         with self.engine.connect().execution_options(write=True) as conn, conn.begin():
             t.metadata.create_all(conn)
+            self._upgrade_queue_columns(conn)
             version = conn.execute(select(t.schema_version.c.version)).scalar()
             if version is None:
                 conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION))
             elif version > t.SCHEMA_VERSION:
                 raise StorageError(f"database schema {version} is newer than this Mailwarden ({t.SCHEMA_VERSION})")
-            elif version < t.SCHEMA_VERSION:  # every change so far only added tables, which create_all made
+            elif version < t.SCHEMA_VERSION:  # other changes only added tables, which create_all made
+                if version == 3:  # 4: key rotation's retire time (older versions had no dkim_keys: create_all made it)
+                    conn.execute(text("ALTER TABLE dkim_keys ADD COLUMN retire_at FLOAT"))
                 conn.execute(update(t.schema_version).values(version=t.SCHEMA_VERSION))
             if conn.execute(select(t.directory_serial.c.serial)).first() is None:
                 conn.execute(insert(t.directory_serial).values(serial=1))
+
+    @staticmethod
+    def _upgrade_queue_columns(conn: Connection) -> None:
+        """Add the queue runner's columns to a `queue` table made before them.
+
+        Runs at every open, whatever the schema version says (one catalogue
+        read): it only adds what is missing, so it composes with any version bump.
+        """
+        have = {c["name"] for c in sa_inspect(conn).get_columns("queue")}
+        missing = [(name, ddl) for name, ddl in t.QUEUE_UPGRADE_COLUMNS if name not in have]
+        for name, ddl in missing:
+            conn.execute(text(f"ALTER TABLE queue ADD COLUMN {name} {ddl}"))
+        if missing:
+            conn.execute(text("CREATE INDEX IF NOT EXISTS ix_queue_due ON queue (status, next_attempt)"))
 
     async def close(self) -> None:
         if self._serial_conn is not None:
@@ -233,7 +255,7 @@ class SqlStore:
     @staticmethod
     def _signing_keys(conn: Connection, domain: str | None = None) -> list[SigningKey]:
         c = t.dkim_keys.c
-        query = select(c.domain, c.selector, c.algorithm, c.private_pem, c.public_txt, c.created, c.state)
+        query = select(c.domain, c.selector, c.algorithm, c.private_pem, c.public_txt, c.created, c.state, c.retire_at)
         if domain is not None:
             query = query.where(c.domain == domain)
         return [SigningKey(*r) for r in conn.execute(query.order_by(c.created, c.id))]
@@ -255,6 +277,48 @@ class SqlStore:
             self._bump(conn)
 
         await self._tx(work)
+
+    async def rotate_signing_keys(self, domain: str, new_keys: list[SigningKey], retire_at: float) -> list[SigningKey]:
+        """In one transaction: `domain`'s active keys become retiring (until `retire_at`), `new_keys` active.
+
+        Returns the keys now retiring. The directory serial is bumped, so every
+        worker signs with the new keys from its next message on.
+        """
+        domain = normalize_address(domain)
+        c = t.dkim_keys.c
+
+        def work(conn: Connection) -> list[SigningKey]:
+            if self._domain_id(conn, domain) is None:
+                raise StorageError(f"no such domain {domain}")
+            if any(k.domain != domain for k in new_keys):
+                raise StorageError(f"new keys must all be {domain}'s")
+            old = [k for k in self._signing_keys(conn, domain) if k.state == "active"]
+            active = (c.domain == domain) & (c.state == "active")
+            conn.execute(update(t.dkim_keys).where(active).values(state="retiring", retire_at=retire_at))
+            taken = {k.selector for k in self._signing_keys(conn, domain)}
+            if taken & {k.selector for k in new_keys}:
+                raise StorageError(f"selector already used for {domain}")
+            conn.execute(insert(t.dkim_keys), [asdict(k) for k in new_keys])
+            self._bump(conn)
+            return [replace(k, state="retiring", retire_at=retire_at) for k in old]
+
+        return await self._tx(work)
+
+    async def retire_signing_keys(self, now: float) -> list[SigningKey]:
+        """Retiring keys whose overlap ended by `now` become retired; returns them.
+
+        No directory bump: the directory holds active keys only.
+        """
+        c = t.dkim_keys.c
+
+        def work(conn: Connection) -> list[SigningKey]:
+            due = [k for k in self._signing_keys(conn) if k.state == "retiring" and (k.retire_at or 0.0) <= now]
+            if due:
+                ended = (c.state == "retiring") & (func.coalesce(c.retire_at, 0.0) <= now)
+                conn.execute(update(t.dkim_keys).where(ended).values(state="retired"))
+            return [replace(k, state="retired") for k in due]
+
+        return await self._tx(work)
 
     async def list_domains(self) -> list[str]:
         return sorted(self.directory().domains)
@@ -564,11 +628,11 @@ class SqlStore:
                         "queue_id": item.queue_id,
                         "sender": item.sender,
                         "recipient": item.recipient,
-                        "status": "queued",
+                        "status": "held" if item.hold else "queued",
                         "attempts": 0,
                         "created": now,
                         "next_attempt": now,
-                        "last_error": "",
+                        "last_error": f"held: {item.hold}" if item.hold else "",
                         "size": len(data),
                         "blob": blob,
                     }
@@ -594,6 +658,190 @@ class SqlStore:
             fresh = [asdict(d) for d in records if d.queue_id not in known]
             if fresh:
                 conn.execute(insert(t.dmarc_results), fresh)
+
+    # ---- compromised-account signals (outbound/compromise.py) ----------
+
+    async def note_login(self, user: str, ip: str, now: float, known_days: int) -> bool:
+        """Record a login; True when `ip` was not used by `user` in the last `known_days`."""
+
+        def work(conn: Connection) -> bool:
+            c = t.login_ips.c
+            row = conn.execute(select(c.last_seen).where(c.user == user, c.ip == ip)).first()
+            new = row is None or row.last_seen < now - known_days * 86400
+            if row is None:
+                conn.execute(insert(t.login_ips).values(user=user, ip=ip, last_seen=now, new_at=now))
+            else:
+                values: dict[str, Any] = {"last_seen": now}
+                if new:
+                    values["new_at"] = now
+                conn.execute(update(t.login_ips).where(c.user == user, c.ip == ip).values(**values))
+            if new and conn.execute(select(func.count()).select_from(t.login_ips).where(c.user == user)).scalar() == 1:
+                # The account's very first login: nothing to compare with, so not "new".
+                conn.execute(update(t.login_ips).where(c.user == user, c.ip == ip).values(new_at=None))
+                return False
+            return new
+
+        return await self._tx(work)
+
+    async def note_recipients(self, user: str, hashes: Sequence[str], now: float) -> None:
+        def work(conn: Connection) -> None:
+            c = t.recent_recipients.c
+            for h in set(hashes):
+                if not conn.execute(
+                    update(t.recent_recipients).where(c.user == user, c.hash == h).values(at=now)
+                ).rowcount:
+                    conn.execute(insert(t.recent_recipients).values(user=user, hash=h, at=now))
+            conn.execute(delete(t.recent_recipients).where(c.at < now - 86400))
+
+        await self._tx(work)
+
+    async def note_delivery(self, user: str, failed: bool, now: float) -> None:
+        """One finished delivery attempt of `user`'s mail (delivered, or failed for good)."""
+
+        def work(conn: Connection) -> None:
+            conn.execute(insert(t.delivery_outcomes).values(user=user, at=now, failed=int(failed)))
+            conn.execute(delete(t.delivery_outcomes).where(t.delivery_outcomes.c.at < now - 86400))
+
+        await self._tx(work)
+
+    async def activity(self, user: str, now: float) -> Activity:
+        def work(conn: Connection) -> Activity:
+            hour = now - 3600
+            r, d, li = t.recent_recipients.c, t.delivery_outcomes.c, t.login_ips.c
+            unique = conn.execute(
+                select(func.count()).select_from(t.recent_recipients).where(r.user == user, r.at >= hour)
+            ).scalar()
+            attempts, failures = conn.execute(
+                select(func.count(), func.coalesce(func.sum(d.failed), 0)).where(d.user == user, d.at >= hour)
+            ).one()
+            login = conn.execute(
+                select(li.ip, li.new_at).where(li.user == user, li.new_at >= hour).order_by(li.new_at.desc())
+            ).first()
+            since_new = 0
+            if login is not None:
+                since_new = conn.execute(
+                    select(func.count()).select_from(t.recent_recipients).where(r.user == user, r.at >= login.new_at)
+                ).scalar()
+            return Activity(unique or 0, attempts or 0, int(failures or 0), login.ip if login else None, since_new or 0)
+
+        return await self._read(work)
+
+    async def hold_account(self, user: str, reason: str, now: float) -> bool:
+        """Put `user` on hold; False if it already was."""
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(select(t.account_holds.c.user).where(t.account_holds.c.user == user)).first():
+                return False
+            conn.execute(insert(t.account_holds).values(user=user, reason=reason, since=now))
+            return True
+
+        return await self._tx(work)
+
+    async def account_hold(self, user: str) -> str | None:
+        return await self._read(
+            lambda conn: conn.execute(select(t.account_holds.c.reason).where(t.account_holds.c.user == user)).scalar()
+        )
+
+    async def unhold_account(self, user: str) -> bool:
+        """Lift the hold; the signals' history is cleared so the same numbers don't hold it again at once."""
+
+        def work(conn: Connection) -> bool:
+            n = conn.execute(delete(t.account_holds).where(t.account_holds.c.user == user)).rowcount
+            conn.execute(delete(t.recent_recipients).where(t.recent_recipients.c.user == user))
+            conn.execute(delete(t.delivery_outcomes).where(t.delivery_outcomes.c.user == user))
+            conn.execute(update(t.login_ips).where(t.login_ips.c.user == user).values(new_at=None))
+            return bool(n)
+
+        return await self._tx(work)
+
+    async def release_held_from(self, senders: Sequence[str]) -> int:
+        """Queue again every held recipient of mail from `senders` (a user's addresses); how many."""
+
+        def work(conn: Connection) -> int:
+            c = t.queue.c
+            return conn.execute(
+                update(t.queue)
+                .where(c.status == "held", func.lower(c.sender).in_([x.lower() for x in senders]))
+                .values(status="queued", next_attempt=time.time(), last_error="")
+            ).rowcount
+
+        return await self._tx(work) if senders else 0
+
+    # ---- sending counters (outbound/quotas.py) -------------------------
+
+    async def send_usage(
+        self, subjects: Sequence[str], windows: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, str, int], Usage]:
+        """Counts for each subject in each (window, start)."""
+
+        def work(conn: Connection) -> dict[tuple[str, str, int], Usage]:
+            c = t.send_counters.c
+            found: dict[tuple[str, str, int], Usage] = {}
+            for window, start in windows:
+                rows = conn.execute(
+                    select(c.subject, c.messages, c.recipients).where(
+                        c.subject.in_(list(subjects)), c.window == window, c.start == start
+                    )
+                )
+                for r in rows:
+                    found[(r.subject, window, start)] = Usage(r.messages, r.recipients)
+            return found
+
+        return await self._read(work)
+
+    async def count_sent(self, subjects: Sequence[str], windows: Sequence[tuple[str, int]], recipients: int) -> None:
+        """One more message with `recipients` recipients for each subject in each window; old windows are pruned."""
+
+        def work(conn: Connection) -> None:
+            c = t.send_counters.c
+            for subject in subjects:
+                for window, start in windows:
+                    changed = conn.execute(
+                        update(t.send_counters)
+                        .where(c.subject == subject, c.window == window, c.start == start)
+                        .values(messages=c.messages + 1, recipients=c.recipients + recipients)
+                    ).rowcount
+                    if not changed:
+                        conn.execute(
+                            insert(t.send_counters).values(
+                                subject=subject,
+                                window=window,
+                                start=start,
+                                messages=1,
+                                recipients=recipients,
+                                alerted=0,
+                            )
+                        )
+            oldest = min(start for _, start in windows) - 2 * 86400
+            conn.execute(delete(t.send_counters).where(c.start < oldest))
+
+        await self._tx(work)
+
+    async def mark_quota_alerted(self, subject: str, window: str, start: int) -> bool:
+        """True the first time for this subject and window (the caller alerts then), False after."""
+
+        def work(conn: Connection) -> bool:
+            c = t.send_counters.c
+            changed = conn.execute(
+                update(t.send_counters)
+                .where(c.subject == subject, c.window == window, c.start == start, c.alerted == 0)
+                .values(alerted=1)
+            ).rowcount
+            if changed:
+                return True
+            exists = conn.execute(
+                select(c.alerted).where(c.subject == subject, c.window == window, c.start == start)
+            ).first()
+            if exists is None:
+                conn.execute(
+                    insert(t.send_counters).values(
+                        subject=subject, window=window, start=start, messages=0, recipients=0, alerted=1
+                    )
+                )
+                return True
+            return False
+
+        return await self._tx(work)
 
     async def record_dmarc(self, records: list[DmarcRecord]) -> None:
         await self._tx(self._insert_dmarc, records)
@@ -624,24 +872,28 @@ class SqlStore:
 
     # ---- Queue ----------------------------------------------------------
 
+    @staticmethod
+    def _queue_entry(r: Any) -> QueueEntry:
+        return QueueEntry(
+            r.queue_id,
+            r.sender,
+            r.recipient,
+            r.status,
+            r.attempts,
+            r.created,
+            r.next_attempt,
+            r.last_error,
+            r.size,
+            r.blob,
+            r.id,
+            r.lease_until,
+            bool(r.warned),
+        )
+
     async def list_queue(self) -> list[QueueEntry]:
         def work(conn: Connection) -> list[QueueEntry]:
             rows = conn.execute(select(t.queue).order_by(t.queue.c.created, t.queue.c.id))
-            return [
-                QueueEntry(
-                    r.queue_id,
-                    r.sender,
-                    r.recipient,
-                    r.status,
-                    r.attempts,
-                    r.created,
-                    r.next_attempt,
-                    r.last_error,
-                    r.size,
-                    r.blob,
-                )
-                for r in rows
-            ]
+            return [self._queue_entry(r) for r in rows]
 
         return await self._read(work)
 
@@ -658,3 +910,156 @@ class SqlStore:
         for name in blobs:
             self.blobs.delete(name)
         return n
+
+    # ---- the queue runner (outbound/queue_runner.py) -------------------------
+
+    async def claim_due(self, now: float, max_messages: int, lease_until: float, owner: int) -> list[QueueEntry]:
+        """Claim the due rows of up to `max_messages` messages, oldest due first.
+
+        The rows become "sending" with a lease, in one writing transaction
+        (BEGIN IMMEDIATE on SQLite), so two workers never claim the same row.
+        Every due row of a chosen message is claimed, so the runner can send
+        a message's recipients at one destination in one transaction.
+        """
+
+        def work(conn: Connection) -> list[QueueEntry]:
+            c = t.queue.c
+            due = (c.status == "queued") & (c.next_attempt <= now)
+            qids = [
+                r[0]
+                for r in conn.execute(
+                    select(c.queue_id)
+                    .where(due)
+                    .group_by(c.queue_id)
+                    .order_by(func.min(c.next_attempt))
+                    .limit(max_messages)
+                )
+            ]
+            if not qids:
+                return []
+            rows = conn.execute(select(t.queue).where(due, c.queue_id.in_(qids)).order_by(c.id)).all()
+            ids = [r.id for r in rows]
+            for i in range(0, len(ids), 500):
+                conn.execute(
+                    update(t.queue)
+                    .where(c.id.in_(ids[i : i + 500]))
+                    .values(status="sending", lease_until=lease_until, lease_owner=owner)
+                )
+            return [replace(self._queue_entry(r), status="sending", lease_until=lease_until) for r in rows]
+
+        return await self._tx(work)
+
+    async def finish_queued(self, updates: list[QueueUpdate], filings: list[QueueFiling]) -> int:
+        """Record attempt outcomes and file the DSNs they cause, in one transaction.
+
+        A DSN and the removal of the rows it reports commit together, so a
+        crash neither loses the DSN nor sends it twice. Rows an admin deleted
+        meanwhile are skipped (and so is a DSN all of whose rows are gone); a
+        row an admin held meanwhile stays held. Bodies no row points at any
+        more are deleted. Returns the number of rows updated or removed.
+        """
+
+        def work(conn: Connection) -> tuple[int, list[str]]:
+            c = t.queue.c
+            ids = [u.id for u in updates] + [i for f in filings for i in f.row_ids]
+            present: dict[int, Any] = {}
+            for i in range(0, len(ids), 500):
+                for r in conn.execute(select(c.id, c.queue_id, c.blob).where(c.id.in_(ids[i : i + 500]))):
+                    present[r.id] = r
+            for filing in filings:
+                if any(i in present for i in filing.row_ids):
+                    self._deliver(conn, filing.batch)
+            done = 0
+            removed = [u.id for u in updates if u.remove and u.id in present]
+            for i in range(0, len(removed), 500):
+                done += conn.execute(delete(t.queue).where(c.id.in_(removed[i : i + 500]))).rowcount
+            for u in updates:
+                if u.remove or u.id not in present:
+                    continue
+                done += conn.execute(
+                    update(t.queue)
+                    .where(c.id == u.id)
+                    .values(
+                        status=case((c.status == "held", "held"), else_="queued"),
+                        attempts=c.attempts + 1,
+                        next_attempt=u.next_attempt,
+                        last_error=u.last_error[:2000],
+                        lease_until=0.0,
+                        lease_owner=-1,
+                        warned=case((c.warned != 0, 1), else_=1 if u.warned else 0),
+                    )
+                ).rowcount
+            orphans: set[str] = set()
+            touched = {present[i].queue_id: present[i].blob for i in removed}
+            if touched:
+                left = conn.execute(select(c.queue_id).where(c.queue_id.in_(list(touched))).distinct())
+                still = {r[0] for r in left}
+                orphans = {blob for qid, blob in touched.items() if qid not in still}
+            return done, self._delete_inline(conn, orphans)
+
+        done, files = await self._tx(work)
+        for name in files:
+            self.blobs.delete(name)
+        return done
+
+    async def requeue_sending(self, owner: int | None = None, lapsed_before: float | None = None) -> int:
+        """Put "sending" rows back to "queued": all of them (at start, when no runner
+        is alive), those of one worker (restarted, so its predecessor is dead), or
+        those whose lease lapsed before a time."""
+
+        def work(conn: Connection) -> int:
+            c = t.queue.c
+            cond = c.status == "sending"
+            if owner is not None:
+                cond = cond & (c.lease_owner == owner)
+            if lapsed_before is not None:
+                cond = cond & (c.lease_until < lapsed_before)
+            return conn.execute(
+                update(t.queue).where(cond).values(status="queued", lease_until=0.0, lease_owner=-1)
+            ).rowcount
+
+        return await self._tx(work)
+
+    async def next_due(self) -> float | None:
+        """When the earliest "queued" row is due (None: nothing waits)."""
+        c = t.queue.c
+        return await self._read(
+            lambda conn: conn.execute(select(func.min(c.next_attempt)).where(c.status == "queued")).scalar()
+        )
+
+    async def flush_queue(self, now: float) -> int:
+        """Make every "queued" row due now (`queue flush`); returns how many rows are queued."""
+
+        def work(conn: Connection) -> int:
+            c = t.queue.c
+            conn.execute(update(t.queue).where(c.status == "queued", c.next_attempt > now).values(next_attempt=now))
+            return conn.execute(select(func.count()).select_from(t.queue).where(c.status == "queued")).scalar() or 0
+
+        return await self._tx(work)
+
+    async def hold_queued(self, queue_id: str) -> int:
+        """Status "held" for a message's rows: never sent until released. A row being
+        sent right now finishes its attempt (delivered is delivered) but is not retried."""
+
+        def work(conn: Connection) -> int:
+            c = t.queue.c
+            return conn.execute(
+                update(t.queue)
+                .where(c.queue_id == queue_id, c.status.in_(("queued", "sending", "held")))
+                .values(status="held")
+            ).rowcount
+
+        return await self._tx(work)
+
+    async def release_queued(self, queue_id: str, now: float) -> int:
+        """Held rows go back to "queued", due at once."""
+
+        def work(conn: Connection) -> int:
+            c = t.queue.c
+            return conn.execute(
+                update(t.queue)
+                .where(c.queue_id == queue_id, c.status == "held")
+                .values(status="queued", next_attempt=now, lease_until=0.0, lease_owner=-1)
+            ).rowcount
+
+        return await self._tx(work)

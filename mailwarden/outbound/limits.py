@@ -1,0 +1,171 @@
+"""Size and count limits: global, per domain and per user, each enforced at the earliest SMTP stage that knows it.
+
+| limit | known at | reply |
+| --- | --- | --- |
+| messages per session | MAIL | 421 4.7.0, connection closed |
+| message size | MAIL (SIZE=), then while DATA streams | 552 5.3.4 |
+| recipients per message | RCPT | 452 4.5.3 |
+| header section size | end of DATA (the header ends inside DATA) | 552 5.3.4 |
+| attachment size, per part and in total | end of DATA (needs the MIME structure) | 552 5.3.4 |
+
+The global values are the `smtp.*` and `limits.*` options. `limits.overrides`
+maps a domain or an address to its own values; for an authenticated user the
+user's entry wins over the domain's, which wins over the global value. The MX
+listener (unauthenticated mail) uses the global values.
+
+Attachment sizes are the *decoded* sizes, estimated from the encoded part
+(base64 is 4/3 of the data, quoted-printable at most 3x): a limit is about what
+the user attached, not about transfer encoding. The MIME walk is bounded like
+the URI scanner's (checks/body_links.py): at most `MAX_PARTS` parts.
+"""
+
+from __future__ import annotations
+
+import email
+import email.errors
+import email.policy
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mailwarden.protocol.smtp_reply import SmtpReply
+
+MAX_PARTS = 200
+
+_PARSE_ERRORS = (
+    IndexError,
+    KeyError,
+    LookupError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    AssertionError,
+    RecursionError,
+    email.errors.MessageError,
+)
+
+
+@dataclass(frozen=True)
+class SendLimits:
+    max_message_bytes: int
+    max_header_bytes: int
+    max_attachment_bytes: int  # per part, decoded; 0 = no separate limit
+    max_attachments_total_bytes: int  # all attachments, decoded; 0 = no separate limit
+    max_recipients: int
+    max_messages_per_session: int
+
+
+class LimitTable:
+    """The global limits and the overrides; `for_sender` picks the values that apply."""
+
+    def __init__(self, base: SendLimits, overrides: Mapping[str, Mapping[str, int]]) -> None:
+        self.base = base
+        self.overrides = {key.lower(): dict(values) for key, values in overrides.items()}
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LimitTable:
+        base = SendLimits(
+            max_message_bytes=cfg.get("smtp.max_message_size"),
+            max_header_bytes=cfg.get("limits.max_header_bytes"),
+            max_attachment_bytes=cfg.get("limits.max_attachment_bytes"),
+            max_attachments_total_bytes=cfg.get("limits.max_attachments_total_bytes"),
+            max_recipients=cfg.get("smtp.max_recipients"),
+            max_messages_per_session=cfg.get("smtp.max_messages_per_session"),
+        )
+        return cls(base, cfg.get("limits.overrides"))
+
+    def for_sender(self, user: str | None) -> SendLimits:
+        """The limits for an authenticated user (None: an unauthenticated session)."""
+        if not user:
+            return self.base
+        user = user.lower()
+        limits = self.base
+        for key in (user.rpartition("@")[2], user):  # the domain, then the user: the most specific wins
+            values = self.overrides.get(key)
+            if values:
+                limits = replace(limits, **values)
+        return limits
+
+
+def check_declared_size(declared: int | None, limits: SendLimits) -> None:
+    """MAIL FROM ... SIZE=n (RFC 1870): refuse at once what will be too big."""
+    if declared is not None and declared > limits.max_message_bytes:
+        raise SmtpReply(552, "5.3.4", f"Message size {declared} exceeds the limit of {limits.max_message_bytes} bytes")
+
+
+def check_content(message: bytes, limits: SendLimits) -> None:
+    """The end-of-DATA limits: header section size, then attachment sizes. Raises SmtpReply."""
+    end = message.find(b"\r\n\r\n")
+    header_bytes = len(message) if end < 0 else end + 4
+    if header_bytes > limits.max_header_bytes:
+        raise SmtpReply(
+            552,
+            "5.3.4",
+            f"Message header section of {header_bytes} bytes exceeds the limit of {limits.max_header_bytes}",
+        )
+    if (
+        not (limits.max_attachment_bytes or limits.max_attachments_total_bytes)
+        or b"ontent-" not in message[:header_bytes]
+    ):
+        return  # no attachment limits, or no MIME headers at all: nothing is attached
+    total = 0
+    for name, size in attachment_sizes(message):
+        if limits.max_attachment_bytes and size > limits.max_attachment_bytes:
+            raise SmtpReply(
+                552,
+                "5.3.4",
+                f"Attachment {name} of about {size} bytes exceeds the limit of {limits.max_attachment_bytes}",
+            )
+        total += size
+        if limits.max_attachments_total_bytes and total > limits.max_attachments_total_bytes:
+            raise SmtpReply(
+                552,
+                "5.3.4",
+                f"Attachments total about {total} bytes, over the limit of {limits.max_attachments_total_bytes}",
+            )
+
+
+def attachment_sizes(message: bytes) -> list[tuple[str, int]]:
+    """(display name, estimated decoded size) of each attachment-like part, at most MAX_PARTS parts.
+
+    An attachment is a leaf part with a filename or Content-Disposition
+    attachment, or any non-text leaf part. A part the parser cannot read is
+    counted by its raw size, so malformed MIME cannot hide a large payload.
+    """
+    try:
+        msg = email.message_from_bytes(message, policy=email.policy.compat32)
+        parts = msg.walk()
+    except _PARSE_ERRORS:
+        return [("(unreadable MIME)", len(message))]
+    found: list[tuple[str, int]] = []
+    for n in range(MAX_PARTS):
+        try:
+            part = next(parts)
+        except StopIteration:
+            break
+        except _PARSE_ERRORS:
+            found.append(("(unreadable MIME)", len(message)))
+            break
+        try:
+            if part.is_multipart():
+                continue
+            filename = part.get_filename()
+            disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
+            if not filename and disposition != "attachment" and part.get_content_maintype() in ("text", "message"):
+                continue
+            if n == 0 and not filename and disposition != "attachment":
+                continue  # a single-part non-MIME body is the message, not an attachment
+            raw = part.get_payload(decode=False)
+            size = len(raw) if isinstance(raw, str) else 0
+            encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+            if encoding == "base64":
+                size = size * 3 // 4
+            found.append((_printable(filename or part.get_content_type()), size))
+        except _PARSE_ERRORS:
+            found.append(("(unreadable part)", len(message)))
+    return found
+
+
+def _printable(name: str) -> str:
+    cleaned = "".join(c if c.isprintable() else "?" for c in str(name))[:80]
+    return f'"{cleaned}"'

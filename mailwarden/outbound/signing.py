@@ -1,0 +1,322 @@
+"""DKIM signing (RFC 6376) of outbound mail with the domain's Ed25519 and RSA-2048 keys.
+
+Every message gets two DKIM-Signature fields, one per key (RFC 8463 §1:
+Ed25519 where the receiver understands it, RSA everywhere else), both
+c=relaxed/relaxed and never l= (a body length limit lets anyone append to a
+signed message).
+
+The signed header set is taken from what the message has (SIGNED_HEADERS),
+each field as many times as it occurs; From, To, Subject, Date and Reply-To
+are listed once more than they occur ("oversigning"), so a field of that
+name added later, or a second one, breaks the signature (RFC 6376 §8.15).
+
+Why our own signer: dkimpy signed a 5 KB message at 30 % (RSA-2048) and 8 %
+(Ed25519) of the rate at which `cryptography` makes the bare signature
+(bench/dkim_sign); its parser, canonicalization and folding are general
+and slow. Here the header is split once, only the fields we sign are
+canonicalized, the body hash is shared by both signatures, and the common
+case (no tabs, no runs of spaces, no trailing spaces) skips the regular
+expressions. tests/test_dkim_signing.py proves the canonicalization equal to
+dkimpy's (hypothesis) and has dkimpy and OpenDKIM verify what we sign.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import nacl.bindings
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from mailwarden.checks.from_header import FromHeaderError, parse_author
+from mailwarden.checks.offload import run_cpu_bound
+from mailwarden.logs import log_event
+from mailwarden.storage.interfaces import SigningKey
+
+MAX_HEADER_BYTES = 256 * 1024  # the header block we parse; as pipeline/submission.py
+MAX_HEADER_FIELDS = 1000
+
+# The fields worth signing when present: what the reader sees, what threads
+# the message, how the body is to be read, and list commands.
+SIGNED_HEADERS: tuple[bytes, ...] = (
+    b"from",
+    b"reply-to",
+    b"subject",
+    b"date",
+    b"to",
+    b"cc",
+    b"sender",
+    b"message-id",
+    b"in-reply-to",
+    b"references",
+    b"mime-version",
+    b"content-type",
+    b"content-transfer-encoding",
+    b"content-disposition",
+    b"content-language",
+    b"list-id",
+    b"list-help",
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
+    b"list-subscribe",
+    b"list-post",
+    b"list-owner",
+    b"list-archive",
+)
+OVERSIGNED: frozenset[bytes] = frozenset((b"from", b"to", b"subject", b"date", b"reply-to"))
+_WANTED = frozenset(SIGNED_HEADERS)
+_OVERSIGN_ORDER = tuple(h for h in SIGNED_HEADERS if h in OVERSIGNED)
+
+_WSP_RUN = re.compile(rb"[\t ]+")
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+_FOLD = re.compile(rb"\r\n(?=[\t ])")
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[\t ]*")  # RFC 5322 ftext, then obsolete WSP before the colon
+_B64_LINE = 72  # characters of b= per folded line
+
+
+class SigningError(Exception):
+    """Why a message cannot be signed (malformed header, unusable key); it then goes out unsigned."""
+
+
+# ---- canonicalization (RFC 6376 §3.4.2 and §3.4.4) --------------------------------
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """The relaxed canonical body: no WSP at line ends, WSP runs as one space, no empty lines at the end."""
+    if b"\t" in body or b"  " in body or b" \r\n" in body:
+        body = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"\r\n", body))
+    end = len(body)
+    if not body.endswith(b"\r\n"):
+        return body + b"\r\n" if body else b""
+    while body.endswith(b"\r\n\r\n", 0, end):
+        end -= 2
+    if end == 2:  # only empty lines: the empty body
+        return b""
+    return body if end == len(body) else body[:end]
+
+
+def split_message(message: bytes) -> tuple[bytes, bytes]:
+    """(header block ending in CRLF, body) at the first empty line; no empty line: all header."""
+    if message.startswith(b"\r\n"):
+        return b"", message[2:]
+    end = message.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
+    if end < 0:
+        if len(message) > MAX_HEADER_BYTES:
+            raise SigningError(f"header block larger than {MAX_HEADER_BYTES} bytes")
+        return message if message.endswith(b"\r\n") else message + b"\r\n", b""
+    return message[: end + 2], message[end + 4 :]
+
+
+def signed_headers(head: bytes) -> tuple[tuple[bytes, ...], bytes]:
+    """The h= names and the relaxed header data they sign (RFC 6376 §3.4.2, §5.4.2), from a CRLF header block.
+
+    Fields are taken bottom-up, which is the order in which a verifier
+    matches repeated names; then OVERSIGNED names are listed once more, and
+    match nothing: a field of that name added later breaks the signature.
+    Refuses what verifiers would read differently: a bare CR or LF, a line
+    that is neither a field nor a continuation.
+    """
+    if len(head) > MAX_HEADER_BYTES:
+        raise SigningError(f"header block larger than {MAX_HEADER_BYTES} bytes")
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
+        raise SigningError("bare CR or LF in the header")
+    if crlf > MAX_HEADER_FIELDS * 8:
+        raise SigningError("too many header lines")
+    # The whole block at once: unfold, then WSP runs to one space (each is a no-op on most headers).
+    if b"\r\n " in head or b"\r\n\t" in head or head[:1] in (b" ", b"\t"):
+        if head[:1] in (b" ", b"\t"):
+            raise SigningError("header starts with a continuation line")
+        head = _FOLD.sub(b"", head)
+    if b"\t" in head or b"  " in head:
+        head = _WSP_RUN.sub(b" ", head)
+    lines = head.split(b"\r\n")
+    lines.pop()  # after the last CRLF
+    if len(lines) > MAX_HEADER_FIELDS:
+        raise SigningError(f"more than {MAX_HEADER_FIELDS} header fields")
+    names: list[bytes] = []
+    data: list[bytes] = []
+    for line in reversed(lines):
+        name, colon, value = line.partition(b":")
+        lname = name.lower()
+        if lname not in _WANTED:
+            if not colon or not _FIELD_NAME.fullmatch(name):
+                raise SigningError("malformed header line")
+            lname = lname.rstrip(b" ")  # obsolete syntax: WSP before the colon (RFC 5322 §4.5)
+            if lname not in _WANTED:
+                continue
+        names.append(lname)
+        data.append(lname + b":" + value.strip(b" "))
+    if b"from" not in names:
+        raise SigningError("no From header")  # RFC 6376 §5.4: From must be signed
+    names.extend(_OVERSIGN_ORDER)
+    data.append(b"")
+    return tuple(names), b"\r\n".join(data)
+
+
+# ---- keys ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LoadedKey:
+    key: SigningKey
+    prefix: bytes  # the signature field up to t=
+    sign: Callable[[bytes], bytes]  # SHA-256 digest of the header data -> signature
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")  # a selector or a domain name (A-labels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _load(key: SigningKey) -> _LoadedKey:
+    """Parse a stored key once (an RSA PEM takes ~1 ms to load); keys are immutable rows."""
+    domain = key.domain.encode("idna").decode("ascii") if not key.domain.isascii() else key.domain
+    if not _TOKEN.fullmatch(key.selector) or not _TOKEN.fullmatch(domain):
+        raise SigningError(f"{key.selector}: selector or domain {domain!r} unusable in a signature")
+    prefix = (
+        f"DKIM-Signature: v=1; a={key.algorithm}; c=relaxed/relaxed;\r\n d={domain}; s={key.selector}; t="
+    ).encode("ascii")
+    try:
+        if key.algorithm == "ed25519-sha256":
+            seed = base64.b64decode(key.private_pem, validate=True)
+            ed25519.Ed25519PrivateKey.from_private_bytes(seed)  # validates the seed (ValueError if not 32 bytes)
+            # libsodium (pynacl, already here for dkimpy) signs Ed25519 in ~2/3 of OpenSSL's time on
+            # this hardware; the signature is the same (Ed25519 is deterministic; a test compares).
+            _public, secret = nacl.bindings.crypto_sign_seed_keypair(seed)
+            return _LoadedKey(key, prefix, lambda digest: nacl.bindings.crypto_sign(digest, secret)[:64])
+        if key.algorithm == "rsa-sha256":
+            private = serialization.load_pem_private_key(key.private_pem.encode("ascii"), None)
+            if not isinstance(private, rsa.RSAPrivateKey):
+                raise SigningError(f"{key.selector}: not an RSA key")
+            pad, prehashed = padding.PKCS1v15(), Prehashed(hashes.SHA256())
+            return _LoadedKey(key, prefix, lambda digest: private.sign(digest, pad, prehashed))
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise SigningError(f"{key.selector}: unusable key ({type(exc).__name__})") from None
+    raise SigningError(f"{key.selector}: unknown algorithm {key.algorithm}")
+
+
+@functools.lru_cache(maxsize=256)
+def _h_tag(names: tuple[bytes, ...]) -> bytes:
+    """h=..., folded after a colon so no line passes 78 characters (FWS is allowed there)."""
+    lines, line = [], b" h="
+    for i, name in enumerate(names):
+        piece = name + (b":" if i < len(names) - 1 else b";")
+        if len(line) + len(piece) > 77:
+            lines.append(line)
+            line = b" "
+        line += piece
+    lines.append(line)
+    return b"\r\n".join(lines)
+
+
+# ---- signing ----------------------------------------------------------------------
+
+
+def sign(message: bytes, keys: Sequence[SigningKey], now: float | None = None) -> bytes:
+    """DKIM-Signature fields for `message` (CRLF lines), one per key, to prepend to it.
+
+    The keys must belong to one domain (d=). Raises SigningError.
+    """
+    if not keys:
+        raise SigningError("no signing key")
+    loaded = [_load(k) for k in keys]
+    head, body = split_message(message)
+    names, signed_data = signed_headers(head)
+    bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
+    h_tag = _h_tag(names)
+    t = str(int(time.time() if now is None else now)).encode("ascii")
+    headers_hash = hashlib.sha256(signed_data)
+    out = []
+    for k in loaded:
+        field = b"".join((k.prefix, t, b";\r\n bh=", bh, b";\r\n", h_tag, b"\r\n b="))
+        # Relaxed form of the signature field itself, with an empty b= and no CRLF (RFC 6376 §3.7).
+        # Our own folding is CRLF + one space after a non-space, so unfolding is all it takes.
+        canonical = b"dkim-signature:" + field[16:].replace(b"\r\n", b"")
+        digest = headers_hash.copy()
+        digest.update(canonical)
+        b = base64.b64encode(k.sign(digest.digest()))
+        folded = b"\r\n ".join(b[i : i + _B64_LINE] for i in range(0, len(b), _B64_LINE))
+        out.append(field + folded + b"\r\n")
+    return b"".join(out)
+
+
+# ---- which messages, which domain -----------------------------------------------
+
+
+class NotSigned(Exception):
+    """The message has no domain of ours to sign with; `reason` goes in the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def signing_keys_for(
+    header_block: bytes, sender: str, keys_of: Callable[[str], list[SigningKey]]
+) -> tuple[str, list[SigningKey]]:
+    """The signing domain and its active keys: the header From's domain, else the envelope sender's.
+
+    Submission has already made sure the user may send as From; for trusted
+    networks, a From domain without keys (not ours) falls back to the
+    envelope sender's domain if that one is hosted. Raises NotSigned.
+    """
+    try:
+        domain = parse_author(header_block).domain
+    except FromHeaderError as exc:
+        domain, why = "", f"From header: {exc.reason}"
+    else:
+        why = f"no active key for {domain}"
+    if domain:
+        keys = keys_of(domain)
+        if keys:
+            return domain, keys
+    sender_domain = sender.rpartition("@")[2].lower() if "@" in sender else ""
+    if sender_domain and sender_domain != domain:
+        keys = keys_of(sender_domain)
+        if keys:
+            return sender_domain, keys
+        why += f", nor for the envelope sender's {sender_domain}"
+    raise NotSigned(why)
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def is_trusted_client(ip: str, cidrs: Sequence[str]) -> bool:
+    """Whether `ip` is in inbound.trusted_networks (their mail is ours to sign)."""
+    if not cidrs:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in _networks(tuple(cidrs)))
+
+
+async def sign_accepted(
+    message: bytes, header_block: bytes, sender: str, keys_of: Callable[[str], list[SigningKey]], qid: str
+) -> bytes:
+    """DKIM-Signature fields for a message accepted from a user or a trusted network, or b"".
+
+    A message that cannot be signed is still accepted (unsigned, as it came):
+    the reason is logged as `event=dkim_not_signed`. Large messages are
+    signed on a worker thread so the event loop keeps serving other sessions.
+    """
+    try:
+        domain, keys = signing_keys_for(header_block, sender, keys_of)
+        fields = await run_cpu_bound(len(message), lambda: sign(message, keys))
+    except (NotSigned, SigningError) as exc:
+        log_event("dkim_not_signed", qid=qid, reason=str(exc))
+        return b""
+    log_event("dkim_signed", qid=qid, domain=domain, selectors=",".join(k.selector for k in keys))
+    return fields
