@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import ipaddress
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 from mailwarden import __version__
 from mailwarden import config as config_mod
 from mailwarden.config import ConfigError
+from mailwarden.logs import log_event
 from mailwarden.outbound.dkim_keys import (
     Rotation,
     ensure_signing_keys,
@@ -143,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(que, "flush", cmd_queue_flush, "make every queued recipient due now and wake the running server")
     cmd(que, "hold", cmd_queue_hold, "hold a message: never sent until released").add_argument("queue_id")
     cmd(que, "release", cmd_queue_release, "release a held message for delivery now").add_argument("queue_id")
+
+    ban = sub.add_parser("ban", help="automatic and manual bans (connection guard)").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    cmd(ban, "list", cmd_ban_list, "list bans in force: network, until (UTC), reason, events")
+    sp = cmd(ban, "add", cmd_ban_add, "ban an IP or CIDR (IPv6 addresses are banned per guard.ipv6_prefix)")
+    sp.add_argument("ip")
+    sp.add_argument(
+        "--for", dest="duration", help="how long: 600, 10m, 1h, 2d (default: the longest guard.ban_durations)"
+    )
+    cmd(
+        ban, "remove", cmd_ban_remove, "lift a ban at once (the running server sees it at the next connection)"
+    ).add_argument("ip")
+    for kind, what in (("allow", "never refused or banned"), ("deny", "refused at connect")):
+        grp = sub.add_parser(kind, help=f"networks {what} (with guard.{kind})").add_subparsers(
+            dest="sub", required=True, parser_class=_Parser
+        )
+        cmd(grp, "list", cmd_guard_list, f"list {kind} entries (config and CLI)").set_defaults(kind=kind)
+        cmd(grp, "add", cmd_guard_add, 'add "CIDR" or "LISTENER:CIDR"').set_defaults(kind=kind)
+        grp.choices["add"].add_argument("entry")
+        cmd(grp, "remove", cmd_guard_remove, "remove an entry added with the CLI").set_defaults(kind=kind)
+        grp.choices["remove"].add_argument("entry")
     return p
 
 
@@ -555,6 +579,92 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if verdict.removed_forgeries:
         print(f"Removed {verdict.removed_forgeries} forged Authentication-Results claiming {policy.authserv_id}")
     print(verdict.header.decode("utf-8", "replace"), end="")
+
+
+# ---- the connection guard (security/guard.py, security/bans.py) -------------
+
+
+def _guard_network(args: argparse.Namespace, text: str) -> str:
+    """The stored key of a ban: the address (or IPv6 network per guard.ipv6_prefix), or the CIDR given."""
+    from mailwarden.security.bans import network_of
+
+    cfg = _load_config(_paths(args))
+    try:
+        if "/" in text:
+            return str(ipaddress.ip_network(text.strip(), strict=False))
+        return str(network_of(text.strip(), cfg.get("guard.ipv6_prefix")))
+    except ValueError:
+        raise CliError(f"not an IP address or CIDR: {text!r}") from None
+
+
+def cmd_ban_list(args: argparse.Namespace) -> None:
+    from mailwarden.security.bans import show_network, utc_stamp
+
+    now = time.time()
+    rows = _with_store(args, lambda store: store.guard_active_bans(now))
+    print("network\tuntil\treason\tevents")
+    for row in sorted(rows, key=lambda r: r.until):
+        print(f"{show_network(ipaddress.ip_network(row.network))}\t{utc_stamp(row.until)}\t{row.reason}\t{row.events}")
+
+
+def cmd_ban_add(args: argparse.Namespace) -> None:
+    from mailwarden.security.bans import parse_duration, show_network, utc_stamp
+
+    network = _guard_network(args, args.ip)
+    cfg = _load_config(_paths(args))
+    try:
+        seconds = parse_duration(args.duration) if args.duration else int(max(cfg.get("guard.ban_durations")))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    now = time.time()
+    _with_store(args, lambda store: store.guard_ban_set(network, now + seconds, "cli", now))
+    shown = show_network(ipaddress.ip_network(network))
+    log_event("ban", ip=shown, scope="ip", reason="cli", events=0, duration=seconds, until=utc_stamp(now + seconds))
+    print(f"banned {shown} until {utc_stamp(now + seconds)}")
+
+
+def cmd_ban_remove(args: argparse.Namespace) -> None:
+    from mailwarden.security.bans import show_network
+
+    network = _guard_network(args, args.ip)
+    if not _with_store(args, lambda store: store.guard_ban_remove(network)):
+        raise CliError(f"no ban in force for {args.ip}")
+    shown = show_network(ipaddress.ip_network(network))
+    log_event("unban", ip=shown, reason="cli")
+    print(f"unbanned {shown}")
+
+
+def _guard_entry(text: str) -> str:
+    from mailwarden.security.guard import normalize_entry
+
+    try:
+        return normalize_entry(text)
+    except ValueError:
+        raise CliError(f'not "CIDR" or "LISTENER:CIDR": {text!r}') from None
+
+
+def cmd_guard_list(args: argparse.Namespace) -> None:
+    cfg = _load_config(_paths(args))
+    entries = _with_store(args, lambda store: store.guard_list_entries())
+    for entry in cfg.get(f"guard.{args.kind}"):
+        print(f"{entry}\tconfig")
+    for kind, entry in entries:
+        if kind == args.kind:
+            print(f"{entry}\tcli")
+
+
+def cmd_guard_add(args: argparse.Namespace) -> None:
+    entry = _guard_entry(args.entry)
+    if not _with_store(args, lambda store: store.guard_list_add(args.kind, entry, time.time())):
+        raise CliError(f"{entry} is already on the {args.kind} list")
+    print(f"{args.kind} {entry}")
+
+
+def cmd_guard_remove(args: argparse.Namespace) -> None:
+    entry = _guard_entry(args.entry)
+    if not _with_store(args, lambda store: store.guard_list_remove(args.kind, entry)):
+        raise CliError(f"{entry} is not on the {args.kind} list (entries in the config file are changed there)")
+    print(f"removed {entry} from the {args.kind} list")
 
 
 def main(argv: list[str] | None = None) -> int:

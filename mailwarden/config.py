@@ -110,6 +110,33 @@ def _check_zones(key: str, value: Any) -> None:
         raise ConfigError(key, str(exc)) from None
 
 
+GUARD_EVENTS = ("auth_fail", "unknown_user", "relay", "protocol", "early_talker", "scanner")
+GUARD_LISTENERS = ("mx", "submission", "submissions", "imap", "imaps", "web")
+
+
+def _check_guard_entries(key: str, value: Any) -> None:
+    import ipaddress
+
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(key, f'expected "CIDR" or "LISTENER:CIDR" strings, got {item!r}')
+        listener, sep, cidr = item.partition(":")
+        if not sep or listener not in GUARD_LISTENERS:
+            cidr = item
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(key, f"not a network: {item!r} (expected CIDR or LISTENER:CIDR)") from None
+
+
+def _check_guard_thresholds(key: str, value: Any) -> None:
+    for name, number in value.items():
+        if name not in GUARD_EVENTS:
+            raise ConfigError(f"{key}.{name}", f"unknown event; one of {', '.join(GUARD_EVENTS)}")
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ConfigError(f"{key}.{name}", f"expected a whole number >= 1, got {number!r}")
+
+
 # Production defaults. `init --dev` overrides the listen.* keys only.
 OPTIONS: tuple[Option, ...] = (
     Option(
@@ -420,6 +447,125 @@ OPTIONS: tuple[Option, ...] = (
         30,
         "A login address unused by the account for this many days counts as new.",
         minimum=1,
+    ),
+    # ---- guard (connections, bans, allow/deny) ----
+    Option(
+        "guard.allow",
+        list,
+        [],
+        'Networks never refused or banned: "CIDR" for every listener or "LISTENER:CIDR" (e.g. "mx:192.0.2.0/24").',
+        validator=_check_guard_entries,
+    ),
+    Option(
+        "guard.deny",
+        list,
+        [],
+        'Networks refused at connect: "CIDR" for every listener or "LISTENER:CIDR"; the allow list still wins.',
+        validator=_check_guard_entries,
+    ),
+    Option("guard.ipv6_prefix", int, 64, "IPv6 clients are counted and banned per network of this length.", minimum=1),
+    Option(
+        "guard.max_connections",
+        int,
+        20,
+        "Connections one IP (or IPv6 network) may hold open at once on one listener, per worker; past it 421 4.7.0.",
+        minimum=1,
+    ),
+    Option(
+        "guard.max_connections_per_minute",
+        int,
+        120,
+        "New connections one IP (or IPv6 network) may open per minute on one listener, per worker; past it 421 4.7.0.",
+        minimum=1,
+    ),
+    Option(
+        "guard.max_commands_per_minute",
+        int,
+        1200,
+        "Commands one session may send per minute; past it 421 4.7.0, the session closes and it counts as a violation.",
+        minimum=1,
+    ),
+    Option(
+        "guard.greet_delay",
+        float,
+        3.0,
+        "Seconds the MX listener waits before its greeting; a client that talks first gets 554 5.7.1 (0 turns it off).",
+        minimum=0,
+    ),
+    Option(
+        "guard.idle_timeout",
+        float,
+        60.0,
+        "Seconds a new session may stay silent after the greeting before its first command.",
+        minimum=1,
+    ),
+    Option(
+        "guard.ip_window", int, 600, "Seconds over which ban events are counted per IP (or IPv6 network).", minimum=1
+    ),
+    Option(
+        "guard.ip_thresholds",
+        dict,
+        {"auth_fail": 10, "unknown_user": 20, "relay": 10, "protocol": 20, "early_talker": 3, "scanner": 30},
+        "Events of one kind within guard.ip_window that ban the IP; kinds: " + ", ".join(GUARD_EVENTS) + ".",
+        validator=_check_guard_thresholds,
+    ),
+    Option(
+        "guard.ban_durations",
+        list,
+        [600, 3600, 86400],
+        "Seconds of the first, second, third... ban of the same IP; the last one repeats.",
+        validator=_check_retry_schedule,
+    ),
+    Option(
+        "guard.ban_memory",
+        int,
+        604800,
+        "Seconds after a ban ends during which a new ban of that IP gets the next, longer duration.",
+        minimum=0,
+    ),
+    Option("guard.account_window", int, 3600, "Seconds over which failed logins are counted per account.", minimum=1),
+    Option(
+        "guard.account_threshold",
+        int,
+        5,
+        "Failed logins of one account within guard.account_window after which its failures are answered slowly.",
+        minimum=1,
+    ),
+    Option(
+        "guard.throttle_delay",
+        float,
+        1.0,
+        "Seconds of delay for an account's first failure past its threshold; doubles with each further one.",
+        minimum=0,
+    ),
+    Option(
+        "guard.throttle_max", float, 30.0, "The longest delay before answering a throttled account's login.", minimum=0
+    ),
+    Option(
+        "guard.sync_interval",
+        float,
+        2.0,
+        "Seconds between reloads of bans and CLI allow/deny entries from storage (bans made by other workers).",
+        minimum=0.05,
+    ),
+    # ---- firewall (nftables) ----
+    Option(
+        "firewall.nftables",
+        bool,
+        False,
+        "Mirror every ban into the nftables sets banned4/banned6 (timed elements) so the kernel drops banned clients; needs nft and CAP_NET_ADMIN.",
+    ),
+    Option(
+        "firewall.nft_table",
+        str,
+        "inet mailwarden",
+        'The nftables table ("<family> <name>") holding the banned4 and banned6 sets (contrib/nftables/mailwarden.nft).',
+    ),
+    Option(
+        "firewall.nft_setup",
+        bool,
+        True,
+        "At start, load the shipped table definition when the table is missing; false: only check the table the admin loaded.",
     ),
     # ---- dkim (outbound signing) ----
     Option(

@@ -34,6 +34,7 @@ from mailwarden.outbound.quotas import Quotas
 from mailwarden.outbound.transports import TransportUnavailable, transport_from_config
 from mailwarden.pipeline.filing import Filer
 from mailwarden.pipeline.inbound import DEFAULT_ACTIONS, InboundPolicy
+from mailwarden.security.guard import Guard, guard_from_config
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
 from mailwarden.storage.interfaces import StorageError
@@ -233,6 +234,7 @@ class Server:
             limits=LimitTable.from_config(cfg),
             quotas=Quotas.from_config(cfg, self.store),
             guard=CompromiseGuard(HoldPolicy.from_config(cfg), self.store),
+            conn_guard=await self._start_guard(),
         )
         loop = asyncio.get_running_loop()
         sockets = bind_listeners(cfg) if standalone else dict(self.sockets or {})
@@ -255,6 +257,25 @@ class Server:
         self._update_gauges()
         if standalone:
             write_listeners_file(self.paths, self.bound)
+
+    async def _start_guard(self) -> Guard:
+        """The connection guard (security/guard.py), with the nftables set as its firewall hook when enabled."""
+        self.conn_guard = guard_from_config(self.config, self.store, self.worker)
+        try:
+            from mailwarden.security.nft import NftBanSet  # written alongside; may be absent
+        except ImportError:
+            NftBanSet = None
+        nft = NftBanSet.from_config(self.config) if NftBanSet is not None else None
+        if nft is not None and self.conn_guard.bans.firewall:
+            try:
+                if hasattr(nft, "setup"):
+                    await nft.setup()
+                self.conn_guard.bans.on_ban.append(nft.add)
+                self.conn_guard.bans.on_unban.append(nft.remove)
+            except Exception as exc:  # bans still work without the firewall
+                log_event("firewall_error", logging.ERROR, hook="setup", error=f"{type(exc).__name__}: {exc}")
+        await self.conn_guard.start()
+        return self.conn_guard
 
     async def _start_queue_runner(self, standalone: bool) -> None:
         """Every worker runs a runner (claims keep them apart), with its share of the concurrency."""
@@ -334,6 +355,8 @@ class Server:
             await server.wait_closed()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if getattr(self, "conn_guard", None) is not None:
+            await self.conn_guard.stop()
         await self.filer.drained()
         await self.spool.stop()
         await self.filer.stop()

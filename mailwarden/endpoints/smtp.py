@@ -64,6 +64,7 @@ from mailwarden.pipeline.submission import (
 )
 from mailwarden.protocol.smtp_data import BodyChunk, DataError, DataFramer, EndOfData, LineError, check_command_line
 from mailwarden.protocol.smtp_reply import SmtpReply, clean_text, render_reply
+from mailwarden.security.guard import Decision, Guard, banned_decision
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
 from mailwarden.storage.interfaces import Accounts, DmarcStore, Resolution
@@ -95,6 +96,7 @@ class SmtpServices:
     limits: LimitTable | None = None  # None: the global values from config
     quotas: Quotas | None = None  # None: no sending quotas
     guard: CompromiseGuard | None = None  # None: no compromised-account hold
+    conn_guard: Guard | None = None  # None: no connection guard (security/guard.py)
 
 
 @dataclass
@@ -207,6 +209,10 @@ class SmtpSession(SMTP):
         self.early_results: list[CheckResult] | None = None  # block list results of this transaction
         self._dmarc_report: dict[str, Any] | None = None  # this message's DMARC data, if its domain wants reports
         self._closing = False
+        self._admitted = False  # the connection guard counted this connection (release it at the end)
+        self._flagged = False  # already counted as an event (early talker): not a silent scanner too
+        self.commands = 0
+        self._meter = services.conn_guard.command_meter() if services.conn_guard is not None else None
 
     # ---- connection ------------------------------------------------------
 
@@ -231,6 +237,9 @@ class SmtpSession(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         log_event("disconnect", sid=self.sid, ip=self.ip, messages=self.messages, errors=self.errors)
+        if self.services.conn_guard is not None:
+            silent = self.commands == 0 and not self._flagged
+            self.services.conn_guard.connection_closed(self.role, self.ip, self._admitted, silent)
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
@@ -263,6 +272,8 @@ class SmtpSession(SMTP):
         await self._writer.drain()
         if line.startswith("5"):
             self.errors += 1
+            if line.startswith("50") and self.services.conn_guard is not None:  # 500-504: syntax or sequence
+                await self._guard_event("protocol")
             if self.errors >= self.cfg_max_errors and not self._closing:
                 await self._close_with("421 4.7.0 Too many errors, closing connection", "too_many_errors")
 
@@ -283,7 +294,13 @@ class SmtpSession(SMTP):
     # ---- the command loop -------------------------------------------------
 
     async def _handle_client(self) -> None:
+        guard = self.services.conn_guard
+        if guard is not None and not await self._guard_admits(guard):
+            return
         await self.push(f"220 {self.hostname} Mailwarden ESMTP")
+        if guard is not None:
+            # Until the first command (the shorter of the two); then smtp.command_timeout per command.
+            self._reset_timeout(min(guard.idle_timeout, self._timeout_duration))
         reader = self._reader
         while self.transport is not None and not self._closing:
             try:
@@ -305,6 +322,12 @@ class SmtpSession(SMTP):
                     self._reject("bare_newline")
                     await self.push("500 5.5.2 Command lines must end with CRLF; bare CR or LF refused")
                     continue
+                self.commands += 1
+                if self._meter is not None and not self._meter.tick():
+                    await self._guard_event("protocol")
+                    self._reject("command_rate")
+                    await self._close_with("421 4.7.0 Too many commands, closing connection", "command_rate")
+                    break
                 await self._dispatch(line[:-2])
             except asyncio.CancelledError:
                 self._writer.close()
@@ -317,6 +340,47 @@ class SmtpSession(SMTP):
                 await self._close_with("421 4.3.0 Internal error, closing connection", "internal_error")
         if self.transport is not None:
             self.transport.close()
+
+    async def _guard_admits(self, guard: Guard) -> bool:
+        """The connection guard's verdict, then (MX only) the pre-greeting wait for early talkers.
+
+        The wait is one read with a timeout on the stream: no task polls. A client
+        that sends anything before our greeting is not speaking SMTP (RFC 5321
+        §3.1: the client waits for the 220), like the bots postscreen screens out.
+        """
+        decision: Decision = await guard.connection_opened(self.role, self.ip)
+        if not decision.ok:
+            self._flagged = True
+            self._reject(decision.reason)
+            await self._close_with(decision.line(), decision.reason)
+            return False
+        self._admitted = True
+        if self.role != "mx" or guard.greet_delay <= 0:
+            return True
+        try:
+            early = await asyncio.wait_for(self._reader.read(1), guard.greet_delay)
+        except TimeoutError:
+            return True
+        self._flagged = True
+        if early:
+            self._reject("early_talker")
+            await self._guard_event("early_talker", close_on_ban=False)  # counted first: closing cancels this task
+            await self._close_with("554 5.7.1 Protocol error: talking before the greeting", "early_talker")
+        elif self.transport is not None:
+            self.transport.close()  # gone before the greeting: counted as a silent connection
+            self._flagged = False
+        return False
+
+    async def _guard_event(
+        self, event: str, account: str | None = None, fingerprint: bytes | None = None, close_on_ban: bool = True
+    ) -> None:
+        """Count a ban event for this client; when it bans the client, this session ends at once too."""
+        guard = self.services.conn_guard
+        if guard is None:
+            return
+        ban = await guard.record(event, self.ip, account=account, secret_fingerprint=fingerprint, listener=self.role)
+        if ban is not None and close_on_ban and not self._closing:
+            await self._close_with(banned_decision(ban).line(), "banned")
 
     async def _discard_long_line(self, consumed: int) -> None:
         await self._reader.readexactly(consumed)
@@ -448,6 +512,8 @@ class SmtpSession(SMTP):
             reason = {"5.1.1": "unknown_user", "5.7.1": "relay_denied"}.get(reply.enhanced, "bad_recipient")
             self._reject(reason)
             log_event("reject", sid=self.sid, ip=self.ip, reason=reason, rcpt=clean_text(address))
+            if reason in ("unknown_user", "relay_denied"):
+                await self._guard_event("unknown_user" if reason == "unknown_user" else "relay")
             return reply.line()
         refusal = await self._reputation_refusal()
         if refusal is None and self.session.authenticated:  # type: ignore[union-attr]
@@ -862,6 +928,13 @@ class SmtpSession(SMTP):
         if not ok:
             self._reject("auth_failed")
             log_event("auth_fail", logging.WARNING, sid=self.sid, proto="smtp", ip=self.ip, user=clean_text(login))
+            guard = self.services.conn_guard
+            if guard is not None:
+                # Only a keyed hash of the password is kept, so the same stale password counts once per window.
+                fingerprint = guard.fingerprint(password_b) if password_b is not None else None
+                await self._guard_event("auth_fail", clean_text(login), fingerprint)
+                if not self._closing:
+                    await guard.throttle(clean_text(login))
             return AuthResult(success=False, handled=False)
         self.user = login
         self.owned = set()

@@ -203,3 +203,40 @@ dmarc_results = Table(
     Column("spf_aligned", String(8), nullable=False),
     Column("details", Text, nullable=False),  # the DMARC check's details, JSON
 )
+
+
+# The connection guard (security/bans.py): one row per banned IP or IPv6 network.
+# A row outlives its ban (active = 0) for guard.ban_memory, so the next ban of
+# the same network is longer; `mailwarden ban remove` deletes the row.
+guard_bans = Table(
+    "guard_bans",
+    metadata,
+    Column("network", String(64), primary_key=True),  # CIDR, e.g. 192.0.2.7/32 or 2001:db8::/64
+    Column("until", Float, nullable=False),
+    Column("level", Integer, nullable=False),  # how many bans in a row (the escalation step)
+    Column("reason", String(32), nullable=False),
+    Column("events", Integer, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("active", Integer, nullable=False),
+)
+
+# Ban events (failed logins, unknown recipients...) of every worker, so a threshold
+# counts them all: with N workers an attacker must not get N times the tries.
+guard_events = Table(
+    "guard_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String(400), nullable=False),  # a network (CIDR) or "account:<login>"
+    Column("event", String(32), nullable=False),
+    Column("at", Float, nullable=False),
+    Index("guard_events_key", "key", "event", "at"),
+)
+
+# Allow and deny entries added with the CLI ("CIDR" or "LISTENER:CIDR"), next to guard.allow/guard.deny.
+guard_lists = Table(
+    "guard_lists",
+    metadata,
+    Column("kind", String(8), primary_key=True),  # "allow" or "deny"
+    Column("entry", String(80), primary_key=True),
+    Column("created", Float, nullable=False),
+)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, Engine, case, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy import inspect as sa_inspect
@@ -1063,3 +1063,150 @@ class SqlStore:
             ).rowcount
 
         return await self._tx(work)
+
+    # ---- the connection guard (security/bans.py, security/guard.py) ----------
+
+    async def guard_count_event(self, key: str, event: str, now: float, window: float) -> int:
+        """Record one event for `key` and return how many it has had in the last `window` seconds, all workers'."""
+
+        def work(conn: Connection) -> int:
+            c = t.guard_events.c
+            conn.execute(insert(t.guard_events).values(key=key, event=event, at=now))
+            conn.execute(delete(t.guard_events).where(c.key == key, c.event == event, c.at < now - window))
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(t.guard_events).where(c.key == key, c.event == event)
+                ).scalar()
+                or 0
+            )
+
+        return await self._tx(work)
+
+    async def guard_forget_events(self, key: str, before: float) -> None:
+        """Drop `key`'s events (a ban starts from zero), and every event older than `before`."""
+
+        def work(conn: Connection) -> None:
+            c = t.guard_events.c
+            conn.execute(delete(t.guard_events).where((c.key == key) | (c.at < before)))
+
+        await self._tx(work)
+
+    async def guard_active_bans(self, now: float) -> list[GuardBan]:
+        """Bans in force at `now`."""
+
+        def work(conn: Connection) -> list[GuardBan]:
+            c = t.guard_bans.c
+            rows = conn.execute(select(t.guard_bans).where(c.active == 1, c.until > now)).all()
+            return [_guard_ban(r) for r in rows]
+
+        return await self._read(work)
+
+    async def guard_all_bans(self) -> list[GuardBan]:
+        """Every row, ended bans (kept for escalation) included; for `ban list`."""
+        return await self._read(lambda conn: [_guard_ban(r) for r in conn.execute(select(t.guard_bans)).all()])
+
+    async def guard_ban_get(self, network: str) -> GuardBan | None:
+        def work(conn: Connection) -> GuardBan | None:
+            row = conn.execute(select(t.guard_bans).where(t.guard_bans.c.network == network)).first()
+            return _guard_ban(row) if row is not None else None
+
+        return await self._read(work)
+
+    async def guard_ban_add(
+        self, network: str, reason: str, events: int, now: float, durations: list[int], memory: float
+    ) -> GuardBan | None:
+        """Ban `network` for its next escalation step; None if it is banned already (another worker)."""
+
+        def work(conn: Connection) -> GuardBan | None:
+            c = t.guard_bans.c
+            row = conn.execute(select(t.guard_bans).where(c.network == network)).first()
+            if row is not None and row.active and row.until > now:
+                return None
+            level = row.level + 1 if row is not None and row.until > now - memory else 1
+            duration = durations[min(level, len(durations)) - 1]
+            values = dict(until=now + duration, level=level, reason=reason, events=events, created=now, active=1)
+            if row is None:
+                conn.execute(insert(t.guard_bans).values(network=network, **values))
+            else:
+                conn.execute(update(t.guard_bans).where(c.network == network).values(**values))
+            return GuardBan(network, now + duration, level, reason, events, now, True)
+
+        return await self._tx(work)
+
+    async def guard_ban_set(self, network: str, until: float, reason: str, now: float) -> None:
+        """An administrator's ban (`ban add`): in force until `until`, whatever was there."""
+
+        def work(conn: Connection) -> None:
+            c = t.guard_bans.c
+            values = dict(until=until, reason=reason, created=now, active=1)
+            if conn.execute(update(t.guard_bans).where(c.network == network).values(**values)).rowcount == 0:
+                conn.execute(insert(t.guard_bans).values(network=network, level=1, events=0, **values))
+
+        await self._tx(work)
+
+    async def guard_ban_remove(self, network: str) -> bool:
+        """Lift a ban and forget its escalation; False if there was no ban in force."""
+
+        def work(conn: Connection) -> bool:
+            c = t.guard_bans.c
+            row = conn.execute(select(c.active, c.until).where(c.network == network)).first()
+            conn.execute(delete(t.guard_bans).where(c.network == network))
+            return row is not None and bool(row.active) and row.until > time.time()
+
+        return await self._tx(work)
+
+    async def guard_ban_expire(self, now: float, memory: float) -> list[str]:
+        """End the bans whose time is up, returning each once across all processes; drop rows older than memory."""
+
+        def work(conn: Connection) -> list[str]:
+            c = t.guard_bans.c
+            ended = [r[0] for r in conn.execute(select(c.network).where(c.active == 1, c.until <= now)).all()]
+            if ended:
+                conn.execute(update(t.guard_bans).where(c.network.in_(ended)).values(active=0))
+            conn.execute(delete(t.guard_bans).where(c.active == 0, c.until < now - memory))
+            return ended
+
+        return await self._tx(work)
+
+    async def guard_list_entries(self) -> list[tuple[str, str]]:
+        """CLI allow/deny entries as (kind, entry)."""
+        c = t.guard_lists.c
+        return await self._read(
+            lambda conn: [(r[0], r[1]) for r in conn.execute(select(c.kind, c.entry).order_by(c.kind, c.entry))]
+        )
+
+    async def guard_list_add(self, kind: str, entry: str, now: float) -> bool:
+        def work(conn: Connection) -> bool:
+            c = t.guard_lists.c
+            if conn.execute(select(c.entry).where(c.kind == kind, c.entry == entry)).first():
+                return False
+            conn.execute(insert(t.guard_lists).values(kind=kind, entry=entry, created=now))
+            return True
+
+        return await self._tx(work)
+
+    async def guard_list_remove(self, kind: str, entry: str) -> bool:
+        c = t.guard_lists.c
+        return await self._tx(
+            lambda conn: conn.execute(delete(t.guard_lists).where(c.kind == kind, c.entry == entry)).rowcount > 0
+        )
+
+
+class GuardBan(NamedTuple):
+    """A row of guard_bans."""
+
+    network: str
+    until: float
+    level: int
+    reason: str
+    events: int
+    created: float
+    active: bool
+
+    @property
+    def duration(self) -> int:
+        return round(self.until - self.created)
+
+
+def _guard_ban(r: Any) -> GuardBan:
+    return GuardBan(r.network, r.until, r.level, r.reason, r.events, r.created, bool(r.active))
