@@ -26,7 +26,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -550,14 +550,8 @@ class SmtpSession(SMTP):
             "account_held", logging.WARNING, sid=self.sid, ip=self.ip, user=self.user, signal=decision.signal,
             reason=decision.reason,
         )  # fmt: skip
-        primary = self.services.config.get("server.primary_domain") or self.hostname
-        postmaster = f"postmaster@{primary}"
-        try:
-            await deliver_local(
-                self.services, postmaster, hold_alert(self.user, decision, postmaster, self.hostname), "account_held"
-            )
-        except Exception as exc:  # the hold stands even if the alert cannot be filed
-            log_event("local_mail_failed", logging.ERROR, rcpt=postmaster, error=type(exc).__name__)
+        user = self.user
+        await self._alert_postmaster(lambda pm: hold_alert(user, decision, pm, self.hostname), "account_held")
         return decision.reason
 
     async def _outbound_content_reason(self, message: bytes) -> str:
@@ -572,18 +566,11 @@ class SmtpSession(SMTP):
         reason = f"outbound content: {why}"
         self.services.metrics.accounts_held.labels("outbound_content").inc()
         log_event("outbound_content_held", logging.WARNING, sid=self.sid, ip=self.ip, user=self.user, reason=reason)
-        primary = self.services.config.get("server.primary_domain") or self.hostname
-        postmaster = f"postmaster@{primary}"
         decision = HoldDecision("outbound_content", reason)
-        try:
-            await deliver_local(
-                self.services,
-                postmaster,
-                hold_alert(self.user or "", decision, postmaster, self.hostname, account=False),
-                "outbound_content_held",
-            )
-        except Exception as exc:  # the message stays held even if the alert cannot be filed
-            log_event("local_mail_failed", logging.ERROR, rcpt=postmaster, error=type(exc).__name__)
+        user = self.user or ""
+        await self._alert_postmaster(
+            lambda pm: hold_alert(user, decision, pm, self.hostname, account=False), "outbound_content_held"
+        )
         return reason
 
     async def _quota_refusal(self, *, messages: int, recipients: int) -> str | None:
@@ -602,15 +589,18 @@ class SmtpSession(SMTP):
             scope=q.scope, window=q.window, unit=q.unit, limit=q.limit, used=exceeded.used,
         )  # fmt: skip
         if await quotas.first_alert(exceeded):
-            primary = self.services.config.get("server.primary_domain") or self.hostname
-            postmaster = f"postmaster@{primary}"
-            try:
-                await deliver_local(
-                    self.services, postmaster, alert_message(exceeded, postmaster, self.hostname), "quota_exceeded"
-                )
-            except Exception as exc:  # the alert must never turn a 451 into a crash
-                log_event("local_mail_failed", logging.ERROR, rcpt=postmaster, error=type(exc).__name__)
+            await self._alert_postmaster(lambda pm: alert_message(exceeded, pm, self.hostname), "quota_exceeded")
         return exceeded.reply().line()
+
+    async def _alert_postmaster(self, build: Callable[[str], bytes], reason: str) -> None:
+        """Mail postmaster@<primary domain> an alert built for that address; a failure is logged, never raised
+        (the decision it reports, a hold or a 451, stands either way)."""
+        primary = self.services.config.get("server.primary_domain") or self.hostname
+        postmaster = f"postmaster@{primary}"
+        try:
+            await deliver_local(self.services, postmaster, build(postmaster), reason)
+        except Exception as exc:
+            log_event("local_mail_failed", logging.ERROR, rcpt=postmaster, reason=reason, error=type(exc).__name__)
 
     def _checks_apply(self) -> InboundChecks | None:
         inbound = self.services.inbound
