@@ -269,7 +269,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     if args.dev:
         listeners = ", ".join(f"{k.split('.')[1]} {v}" for k, v in config_mod.DEV_LISTENERS.items())
         print(f"Development listeners: {listeners}")
-        print("(imap, imaps and web are reserved in the config; this version serves SMTP and metrics.)")
+        print("(web is reserved in the config; this version serves SMTP, IMAP and metrics.)")
     _ = cfg
 
 

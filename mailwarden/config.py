@@ -172,14 +172,14 @@ OPTIONS: tuple[Option, ...] = (
         "listen.imap",
         str,
         "0.0.0.0:143",
-        "IMAP listener (STARTTLS); reserved until the IMAP server lands.",
+        "IMAP listener (STARTTLS; LOGIN and AUTHENTICATE only after it). Empty string disables it.",
         is_address=True,
     ),
     Option(
         "listen.imaps",
         str,
         "0.0.0.0:993",
-        "IMAP over implicit TLS; reserved until the IMAP server lands.",
+        "IMAP over implicit TLS (RFC 8314). Empty string disables it.",
         is_address=True,
     ),
     Option(

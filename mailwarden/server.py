@@ -23,6 +23,7 @@ from mailwarden.checks.dnsbl import parse_zones
 from mailwarden.config import Config
 from mailwarden.dns import Resolver, resolver_from_config
 from mailwarden.dns.public_suffix import public_suffix_list
+from mailwarden.endpoints.imap import IMAP_ROLES, ImapServices, ImapSession, MailboxHub
 from mailwarden.endpoints.smtp import ROLES, InboundChecks, SmtpServices, SmtpSession
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
@@ -81,9 +82,9 @@ def make_hashing(config: Config) -> PasswordHashing:
 
 
 def bind_listeners(config: Config) -> dict[str, socket.socket]:
-    """Bind every configured SMTP listener; done once, before workers fork."""
+    """Bind every configured SMTP and IMAP listener; done once, before workers fork."""
     socks: dict[str, socket.socket] = {}
-    for role in ROLES:
+    for role in ROLES + IMAP_ROLES:
         addr = config.listen(role)
         if addr is None:
             continue
@@ -199,6 +200,7 @@ class Server:
     _queue_gauge_pending: bool = field(default=False, init=False)
     queue_runner: QueueRunner | None = field(default=None, init=False)
     transport: Any = field(default=None, init=False)  # outbound/transports.py
+    imap_hub: MailboxHub | None = field(default=None, init=False)  # wakes IMAP sessions (IDLE) on new mail
 
     async def start(self) -> None:
         cfg = self.config
@@ -236,13 +238,29 @@ class Server:
             guard=CompromiseGuard(HoldPolicy.from_config(cfg), self.store),
             conn_guard=await self._start_guard(),
         )
+        self.imap_hub = MailboxHub()
+        self.imap = imap = ImapServices(
+            cfg,
+            self.store,
+            services.hashing,
+            self.tls,
+            self.metrics,
+            self.imap_hub,
+            services.conn_guard,
+            max_message=cfg.get("smtp.max_message_size"),
+        )
         loop = asyncio.get_running_loop()
         sockets = bind_listeners(cfg) if standalone else dict(self.sockets or {})
         self._servers: list[asyncio.AbstractServer] = []
         for role, sock in sockets.items():
-            ssl_ctx = self.tls.context if role == "submissions" else None
+            ssl_ctx = self.tls.context if role in ("submissions", "imaps") else None
+            factory: Callable[[], asyncio.Protocol]
+            if role in IMAP_ROLES:
+                factory = lambda role=role: ImapSession(imap, role)  # noqa: E731
+            else:
+                factory = lambda role=role: SmtpSession(services, role, loop)  # noqa: E731
             server = await loop.create_server(
-                lambda role=role: SmtpSession(services, role, loop),
+                factory,
                 sock=sock,
                 ssl=ssl_ctx,
                 backlog=512,
@@ -316,6 +334,8 @@ class Server:
 
     def _on_filed(self) -> None:
         self._update_gauges()
+        if self.imap_hub is not None:
+            self.imap_hub.changed()  # IDLE sessions look at their mailbox again
         if self.queue_runner is not None:
             self.queue_runner.wake()
 
@@ -351,6 +371,8 @@ class Server:
     async def stop(self) -> None:
         for server in self._servers:
             server.close()
+        if getattr(self, "imap", None) is not None:
+            self.imap.close_all()  # IMAP sessions may idle for 30 minutes: end them
         for server in self._servers:
             await server.wait_closed()
         if self._housekeeping is not None:

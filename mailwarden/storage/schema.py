@@ -62,7 +62,20 @@ mailboxes = Table(
     Column("special_use", String(32)),
     Column("uidvalidity", Integer, nullable=False),
     Column("uidnext", Integer, nullable=False),
+    # IMAP SUBSCRIBE/LSUB (added after schema 4: SqlStore adds it to older databases, MAILBOX_UPGRADE_COLUMNS).
+    Column("subscribed", Integer, nullable=False, default=1, server_default="1"),
     UniqueConstraint("account_id", "name"),
+)
+
+MAILBOX_UPGRADE_COLUMNS = (("subscribed", "INTEGER NOT NULL DEFAULT 1"),)
+
+# The last UIDVALIDITY given to any mailbox of an account, so a mailbox deleted and
+# created again (even within the same second) never reuses one (RFC 3501 §2.3.1.1).
+imap_uidvalidity = Table(
+    "imap_uidvalidity",
+    metadata,
+    Column("account_id", Integer, primary_key=True),
+    Column("last", Integer, nullable=False),
 )
 
 messages = Table(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.header
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -164,6 +165,7 @@ class SqlStore:
         with self.engine.connect().execution_options(write=True) as conn, conn.begin():
             t.metadata.create_all(conn)
             self._upgrade_queue_columns(conn)
+            self._upgrade_columns(conn, "mailboxes", t.MAILBOX_UPGRADE_COLUMNS)
             version = conn.execute(select(t.schema_version.c.version)).scalar()
             if version is None:
                 conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION))
@@ -189,6 +191,14 @@ class SqlStore:
             conn.execute(text(f"ALTER TABLE queue ADD COLUMN {name} {ddl}"))
         if missing:
             conn.execute(text("CREATE INDEX IF NOT EXISTS ix_queue_due ON queue (status, next_attempt)"))
+
+    @staticmethod
+    def _upgrade_columns(conn: Connection, table: str, columns: tuple[tuple[str, str], ...]) -> None:
+        """Add columns a table made by an older version lacks (checked at every open, like the queue's)."""
+        have = {c["name"] for c in sa_inspect(conn).get_columns(table)}
+        for name, ddl in columns:
+            if name not in have:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
 
     async def close(self) -> None:
         if self._serial_conn is not None:
@@ -530,6 +540,321 @@ class SqlStore:
         for i in range(0, len(rows), 500):
             conn.execute(delete(t.blob_data).where(t.blob_data.c.name.in_(rows[i : i + 500])))
         return [name for name in stored if not is_inline(name)]
+
+    # ---- IMAP (endpoints/imap.py) -------------------------------------------
+    #
+    # Mailboxes are addressed by id once selected (a RENAME keeps the id). Every
+    # message row's body is named after its (mailbox, UID), so a body is never
+    # shared: COPY writes a new one, EXPUNGE deletes it.
+
+    @staticmethod
+    def _message_info(r: Any) -> MessageInfo:
+        return MessageInfo(
+            r.uid,
+            r.size,
+            r.internal_date,
+            tuple(r.flags.split()),
+            r.from_addr,
+            r.subject,
+            r.date_hdr,
+            r.blob,
+            r.queue_id,
+        )
+
+    @staticmethod
+    def _box_info(conn: Connection, r: Any) -> MailboxInfo:
+        n = conn.execute(select(func.count()).where(t.messages.c.mailbox_id == r.id)).scalar() or 0
+        return MailboxInfo(r.id, r.name, r.special_use, r.uidvalidity, r.uidnext, n)
+
+    def _account_or_fail(self, conn: Connection, account: str) -> int:
+        account_id = self._account_id(conn, normalize_address(account))
+        if account_id is None:
+            raise StorageError(f"no such user {account}")
+        return account_id
+
+    @staticmethod
+    def _box_by_name(conn: Connection, account_id: int, name: str) -> Any:
+        return conn.execute(
+            select(t.mailboxes).where(t.mailboxes.c.account_id == account_id, t.mailboxes.c.name == name)
+        ).first()
+
+    async def imap_mailboxes(self, account: str) -> list[tuple[MailboxInfo, bool]]:
+        """Every mailbox of an account with its subscription flag, by name."""
+
+        def work(conn: Connection) -> list[tuple[MailboxInfo, bool]]:
+            account_id = self._account_or_fail(conn, account)
+            rows = conn.execute(
+                select(t.mailboxes).where(t.mailboxes.c.account_id == account_id).order_by(t.mailboxes.c.name)
+            )
+            return [
+                (MailboxInfo(r.id, r.name, r.special_use, r.uidvalidity, r.uidnext, 0), bool(r.subscribed))
+                for r in rows
+            ]
+
+        return await self._read(work)
+
+    async def imap_mailbox(self, account: str, name: str) -> MailboxInfo | None:
+        def work(conn: Connection) -> MailboxInfo | None:
+            row = self._box_by_name(conn, self._account_or_fail(conn, account), name)
+            return None if row is None else self._box_info(conn, row)
+
+        return await self._read(work)
+
+    async def imap_messages(self, mailbox_id: int) -> tuple[MailboxInfo | None, list[MessageInfo]]:
+        """A mailbox (None once deleted) and its messages by UID, read in one transaction."""
+
+        def work(conn: Connection) -> tuple[MailboxInfo | None, list[MessageInfo]]:
+            box = conn.execute(select(t.mailboxes).where(t.mailboxes.c.id == mailbox_id)).first()
+            if box is None:
+                return None, []
+            rows = conn.execute(
+                select(t.messages).where(t.messages.c.mailbox_id == mailbox_id).order_by(t.messages.c.uid)
+            )
+            msgs = [self._message_info(r) for r in rows]
+            return MailboxInfo(box.id, box.name, box.special_use, box.uidvalidity, box.uidnext, len(msgs)), msgs
+
+        return await self._read(work)
+
+    @staticmethod
+    def _new_uidvalidity(conn: Connection, account_id: int) -> int:
+        last = conn.execute(
+            select(t.imap_uidvalidity.c.last).where(t.imap_uidvalidity.c.account_id == account_id)
+        ).scalar()
+        highest = conn.execute(
+            select(func.max(t.mailboxes.c.uidvalidity)).where(t.mailboxes.c.account_id == account_id)
+        ).scalar()
+        value = max(int(time.time()), (last or 0) + 1, (highest or 0) + 1) & 0xFFFFFFFF or 1
+        if last is None:
+            conn.execute(insert(t.imap_uidvalidity).values(account_id=account_id, last=value))
+        else:
+            conn.execute(
+                update(t.imap_uidvalidity).where(t.imap_uidvalidity.c.account_id == account_id).values(last=value)
+            )
+        return value
+
+    async def imap_create_mailbox(self, account: str, name: str) -> None:
+        def work(conn: Connection) -> None:
+            account_id = self._account_or_fail(conn, account)
+            if self._box_by_name(conn, account_id, name) is not None:
+                raise StorageError(f"mailbox {name!r} already exists")
+            conn.execute(
+                insert(t.mailboxes).values(
+                    account_id=account_id,
+                    name=name,
+                    special_use=None,
+                    uidvalidity=self._new_uidvalidity(conn, account_id),
+                    uidnext=1,
+                    subscribed=1,
+                )
+            )
+
+        await self._tx(work)
+
+    def _drop_messages(self, conn: Connection, where: Any) -> tuple[list[int], list[str]]:
+        """Delete message rows and their inline bodies; (UIDs, body files to delete after commit)."""
+        rows = conn.execute(select(t.messages.c.id, t.messages.c.uid, t.messages.c.blob).where(where)).all()
+        ids = [r.id for r in rows]
+        for i in range(0, len(ids), 500):
+            conn.execute(delete(t.messages).where(t.messages.c.id.in_(ids[i : i + 500])))
+        return [r.uid for r in rows], self._delete_inline(conn, [r.blob for r in rows])
+
+    async def imap_delete_mailbox(self, account: str, name: str) -> None:
+        def work(conn: Connection) -> list[str]:
+            box = self._box_by_name(conn, self._account_or_fail(conn, account), name)
+            if box is None:
+                raise StorageError(f"no mailbox {name!r}")
+            _, files = self._drop_messages(conn, t.messages.c.mailbox_id == box.id)
+            conn.execute(delete(t.mailboxes).where(t.mailboxes.c.id == box.id))
+            return files
+
+        for f in await self._tx(work):
+            self.blobs.delete(f)
+
+    async def imap_rename_mailbox(self, account: str, old: str, new: str, delimiter: str = "/") -> None:
+        """Rename a mailbox and its inferiors (`old/...`); ids, UIDs and UIDVALIDITY stay."""
+
+        def work(conn: Connection) -> None:
+            account_id = self._account_or_fail(conn, account)
+            box = self._box_by_name(conn, account_id, old)
+            if box is None:
+                raise StorageError(f"no mailbox {old!r}")
+            if self._box_by_name(conn, account_id, new) is not None:
+                raise StorageError(f"mailbox {new!r} already exists")
+            prefix = old + delimiter
+            kids = conn.execute(
+                select(t.mailboxes.c.id, t.mailboxes.c.name).where(t.mailboxes.c.account_id == account_id)
+            ).all()
+            for kid in kids:
+                if kid.name.startswith(prefix):
+                    renamed = new + delimiter + kid.name[len(prefix) :]
+                    if self._box_by_name(conn, account_id, renamed) is not None:
+                        raise StorageError(f"mailbox {renamed!r} already exists")
+                    conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == kid.id).values(name=renamed))
+            conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == box.id).values(name=new))
+
+        await self._tx(work)
+
+    async def imap_subscribe(self, account: str, name: str, subscribed: bool) -> None:
+        def work(conn: Connection) -> None:
+            box = self._box_by_name(conn, self._account_or_fail(conn, account), name)
+            if box is None:
+                raise StorageError(f"no mailbox {name!r}")
+            conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == box.id).values(subscribed=int(subscribed)))
+
+        await self._tx(work)
+
+    async def imap_store_flags(
+        self, mailbox_id: int, uids: Sequence[int], op: str, flags: Sequence[str]
+    ) -> dict[int, tuple[str, ...]]:
+        """Add ("+"), remove ("-") or replace ("") flags, in one transaction (so concurrent
+        sessions never lose each other's changes); the resulting flags of every message found."""
+
+        def work(conn: Connection) -> dict[int, tuple[str, ...]]:
+            out: dict[int, tuple[str, ...]] = {}
+            wanted = list(uids)
+            for i in range(0, len(wanted), 500):
+                rows = conn.execute(
+                    select(t.messages.c.id, t.messages.c.uid, t.messages.c.flags).where(
+                        t.messages.c.mailbox_id == mailbox_id, t.messages.c.uid.in_(wanted[i : i + 500])
+                    )
+                ).all()
+                for r in rows:
+                    have = r.flags.split()
+                    if op == "+":
+                        new = have + [f for f in flags if f not in have]
+                    elif op == "-":
+                        new = [f for f in have if f not in flags]
+                    else:
+                        new = list(dict.fromkeys(flags))
+                    if new != have:
+                        conn.execute(update(t.messages).where(t.messages.c.id == r.id).values(flags=" ".join(new)))
+                    out[r.uid] = tuple(new)
+            return out
+
+        return await self._tx(work)
+
+    async def imap_expunge(self, mailbox_id: int, uids: Sequence[int] | None = None) -> list[int]:
+        """Delete the messages flagged \\Deleted (only those among `uids` when given), bodies included."""
+
+        def work(conn: Connection) -> tuple[list[int], list[str]]:
+            rows = conn.execute(
+                select(t.messages.c.uid, t.messages.c.flags).where(t.messages.c.mailbox_id == mailbox_id)
+            ).all()
+            allowed = None if uids is None else set(uids)
+            doomed = [r.uid for r in rows if "\\Deleted" in r.flags.split() and (allowed is None or r.uid in allowed)]
+            gone: list[int] = []
+            files: list[str] = []
+            for i in range(0, len(doomed), 500):
+                g, f = self._drop_messages(
+                    conn, (t.messages.c.mailbox_id == mailbox_id) & t.messages.c.uid.in_(doomed[i : i + 500])
+                )
+                gone += g
+                files += f
+            return sorted(gone), files
+
+        gone, files = await self._tx(work)
+        for f in files:
+            self.blobs.delete(f)
+        return gone
+
+    def _add_message(
+        self,
+        conn: Connection,
+        box: Any,
+        data: bytes,
+        flags: Sequence[str],
+        internal_date: float,
+        inline: list[dict[str, Any]],
+    ) -> int:
+        uid = conn.execute(select(t.mailboxes.c.uidnext).where(t.mailboxes.c.id == box.id)).scalar()
+        from_, subject, date = header_summary(data)
+        blob = self._stage_blob(f"mbox/{box.account_id}/{box.id}/{uid}.eml", data, inline)
+        conn.execute(
+            insert(t.messages).values(
+                mailbox_id=box.id,
+                account_id=box.account_id,
+                uid=uid,
+                queue_id="imap" + secrets.token_hex(12),
+                size=len(data),
+                internal_date=internal_date,
+                flags=" ".join(flags),
+                from_addr=from_,
+                subject=subject,
+                date_hdr=date,
+                blob=blob,
+            )
+        )
+        conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == box.id).values(uidnext=uid + 1))
+        return uid
+
+    async def imap_append(
+        self, account: str, name: str, data: bytes, flags: Sequence[str], internal_date: float
+    ) -> tuple[int, int]:
+        """File a message a client appended; (UIDVALIDITY, UID). StorageError if there is no such mailbox."""
+
+        def work(conn: Connection) -> tuple[int, int]:
+            box = self._box_by_name(conn, self._account_or_fail(conn, account), name)
+            if box is None:
+                raise StorageError(f"no mailbox {name!r}")
+            inline: list[dict[str, Any]] = []
+            uid = self._add_message(conn, box, data, flags, internal_date, inline)
+            if inline:
+                conn.execute(insert(t.blob_data), inline)
+            return box.uidvalidity, uid
+
+        return await self._tx(work)
+
+    async def imap_copy(
+        self, mailbox_id: int, uids: Sequence[int], account: str, dest: str, move: bool = False
+    ) -> tuple[int, list[int], list[int]]:
+        """Copy (or move) messages to another mailbox of the account, in UID order.
+
+        Returns (destination UIDVALIDITY, source UIDs found, their new UIDs)."""
+
+        def work(conn: Connection) -> tuple[int, list[int], list[int], list[str]]:
+            box = self._box_by_name(conn, self._account_or_fail(conn, account), dest)
+            if box is None:
+                raise StorageError(f"no mailbox {dest!r}")
+            wanted = sorted(set(uids))
+            rows: list[Any] = []
+            for i in range(0, len(wanted), 500):
+                rows += conn.execute(
+                    select(t.messages).where(
+                        t.messages.c.mailbox_id == mailbox_id, t.messages.c.uid.in_(wanted[i : i + 500])
+                    )
+                ).all()
+            rows.sort(key=lambda r: r.uid)
+            inline: list[dict[str, Any]] = []
+            new_uids = []
+            for r in rows:
+                data = self._read_blob(conn, r.blob)
+                new_uids.append(self._add_message(conn, box, data, r.flags.split(), r.internal_date, inline))
+            if inline:
+                conn.execute(insert(t.blob_data), inline)
+            files: list[str] = []
+            if move and box.id != mailbox_id:
+                old = [r.uid for r in rows]
+                for i in range(0, len(old), 500):
+                    files += self._drop_messages(
+                        conn, (t.messages.c.mailbox_id == mailbox_id) & t.messages.c.uid.in_(old[i : i + 500])
+                    )[1]
+            return box.uidvalidity, [r.uid for r in rows], new_uids, files
+
+        validity, src, dst, files = await self._tx(work)
+        for f in files:
+            self.blobs.delete(f)
+        return validity, src, dst
+
+    async def imap_usage(self, account: str) -> int:
+        """Octets of mail an account stores (GETQUOTAROOT)."""
+
+        def work(conn: Connection) -> int:
+            account_id = self._account_or_fail(conn, account)
+            return conn.execute(
+                select(func.coalesce(func.sum(t.messages.c.size), 0)).where(t.messages.c.account_id == account_id)
+            ).scalar()
+
+        return await self._read(work)
 
     # ---- Delivery -------------------------------------------------------
 
