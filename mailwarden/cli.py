@@ -32,6 +32,7 @@ from mailwarden.outbound.dkim_keys import (
     rotate,
     zone_lines,
 )
+from mailwarden.security import app_passwords
 from mailwarden.security.passwords import PasswordPolicyError, check_policy
 from mailwarden.security.tls import TlsConfigError, write_self_signed
 from mailwarden.server import InstancePaths, make_hashing, open_store, queue_wake_file, serve_forever
@@ -117,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(usr, "unhold", cmd_user_unhold, "lift a compromised-account hold and release its held mail").add_argument(
         "address"
     )
+    app = usr.add_parser("app-password", help="app passwords for mail clients").add_subparsers(
+        dest="app_sub", required=True, parser_class=_Parser
+    )
+    sp = cmd(app, "add", cmd_app_password_add, "create a named app password and print it once")
+    sp.add_argument("address")
+    sp.add_argument("name")
+    cmd(app, "list", cmd_app_password_list, "list a user's app passwords: name, created, last used").add_argument(
+        "address"
+    )
+    sp = cmd(app, "revoke", cmd_app_password_revoke, "revoke an app password by name")
+    sp.add_argument("address")
+    sp.add_argument("name")
 
     mbx = sub.add_parser("mailbox", help="read mailboxes").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
@@ -442,6 +455,31 @@ def cmd_user_passwd(args: argparse.Namespace) -> None:
     password_hash = _hash_new_password(args, address)
     _with_store(args, lambda s: s.set_password(address, password_hash))
     print(f"password changed for {address}")
+
+
+def cmd_app_password_add(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower()
+    cfg = _load_config(_paths(args))
+    password = app_passwords.generate()
+    password_hash = make_hashing(cfg).hash_sync(app_passwords.normalize(password) or "")
+    _with_store(args, lambda s: s.add_app_password(address, args.name, password_hash, app_passwords.APP_PASSWORD_MAX))
+    print(f"app password {args.name.strip()!r} for {address} (shown only this once):")
+    print(password)
+
+
+def cmd_app_password_list(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower()
+    print("NAME\tCREATED\tLAST-USED")
+    for info in _with_store(args, lambda s: s.list_app_passwords(address)):
+        last = _fmt_time(info.last_used) if info.last_used is not None else "never"
+        print(f"{info.name}\t{_fmt_time(info.created)}\t{last}")
+
+
+def cmd_app_password_revoke(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower()
+    if not _with_store(args, lambda s: s.revoke_app_password(address, args.name)):
+        raise CliError(f"{address} has no app password named {args.name.strip()!r}")
+    print(f"revoked app password {args.name.strip()!r} of {address}")
 
 
 def cmd_mailbox_ls(args: argparse.Namespace) -> None:

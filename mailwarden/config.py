@@ -567,6 +567,15 @@ OPTIONS: tuple[Option, ...] = (
         True,
         "At start, load the shipped table definition when the table is missing; false: only check the table the admin loaded.",
     ),
+    # ---- app passwords ----
+    Option(
+        "accounts.require_app_passwords",
+        list,
+        [],
+        "Users and/or domains whose mail clients must use app passwords: their account password is refused on IMAP "
+        'and SMTP AUTH, e.g. ["alice@example.org", "example.net"].',
+        validator=_check_str_list,
+    ),
     # ---- dkim (outbound signing) ----
     Option(
         "dkim.rotation_overlap_days",

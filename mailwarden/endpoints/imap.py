@@ -61,6 +61,7 @@ from mailwarden.protocol.imap.message import (
 )
 from mailwarden.protocol.imap.parser import CommandParser
 from mailwarden.protocol.smtp_reply import clean_text
+from mailwarden.security.app_passwords import LoginCheck, check_login
 from mailwarden.security.guard import Guard, banned_decision
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
@@ -558,15 +559,16 @@ class ImapSession(asyncio.Protocol):
 
     async def _authenticate(self, login_b: bytes, password_b: bytes | None) -> Any:
         login = login_b.decode("utf-8", "replace").strip().lower()
-        ok = False
+        check = LoginCheck(False)
         if password_b is not None and len(login) <= 320 and len(password_b) <= 1024:
-            account = await self.services.store.get_account(login)
-            ok = await self.services.hashing.verify(
-                account.password_hash if account else None, password_b.decode("utf-8", "replace")
-            )
-        if not ok:
+            services = self.services
+            password = password_b.decode("utf-8", "replace")
+            check = await check_login(services.hashing, services.store, services.config, login, password)
+        if not check.ok:
             user = clean_text(login)
-            log_event("auth_fail", logging.WARNING, sid=self.sid, proto="imap", ip=self.ip, user=user)
+            log_event(
+                "auth_fail", logging.WARNING, sid=self.sid, proto="imap", ip=self.ip, user=user, reason=check.reason
+            )
             guard = self.services.guard
             if guard is not None:
                 fingerprint = guard.fingerprint(password_b) if password_b is not None else None

@@ -64,6 +64,7 @@ from mailwarden.pipeline.submission import (
 )
 from mailwarden.protocol.smtp_data import BodyChunk, DataError, DataFramer, EndOfData, LineError, check_command_line
 from mailwarden.protocol.smtp_reply import SmtpReply, clean_text, render_reply
+from mailwarden.security.app_passwords import LoginCheck, check_login
 from mailwarden.security.guard import Decision, Guard, banned_decision
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
@@ -909,15 +910,22 @@ class SmtpSession(SMTP):
     async def _auth_outcome(self, login_b: bytes, password_b: bytes | None) -> AuthResult:
         """Verify; a failure returns handled=False so aiosmtpd sends 535 5.7.8."""
         login = login_b.decode("utf-8", "replace").strip().lower()
-        ok = False
+        check = LoginCheck(False)
         if password_b is not None and len(login) <= 320 and len(password_b) <= 1024:
-            account = await self.services.accounts.get_account(login)
-            ok = await self.services.hashing.verify(
-                account.password_hash if account else None, password_b.decode("utf-8", "replace")
-            )
-        if not ok:
+            services = self.services
+            password = password_b.decode("utf-8", "replace")
+            check = await check_login(services.hashing, services.accounts, services.config, login, password)
+        if not check.ok:
             self._reject("auth_failed")
-            log_event("auth_fail", logging.WARNING, sid=self.sid, proto="smtp", ip=self.ip, user=clean_text(login))
+            log_event(
+                "auth_fail",
+                logging.WARNING,
+                sid=self.sid,
+                proto="smtp",
+                ip=self.ip,
+                user=clean_text(login),
+                reason=check.reason,
+            )
             guard = self.services.conn_guard
             if guard is not None:
                 # Only a keyed hash of the password is kept, so the same stale password counts once per window.

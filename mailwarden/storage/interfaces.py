@@ -44,6 +44,15 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class AppPasswordInfo:
+    """An app password as listed: never its hash."""
+
+    name: str
+    created: float
+    last_used: float | None
+
+
+@dataclass(frozen=True)
 class SigningKey:
     """One domain key: DKIM signatures and ARC seals (outbound/dkim_keys.py makes them)."""
 

@@ -142,6 +142,20 @@ account_holds = Table(
     Column("since", Float, nullable=False),
 )
 
+# App passwords (security/app_passwords.py): named, server-generated, hashed like
+# account passwords; any of them logs the account in on IMAP and SMTP.
+app_passwords = Table(
+    "app_passwords",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("account", Integer, ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", String(64), nullable=False),
+    Column("hash", Text, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("last_used", Float),
+    UniqueConstraint("account", "name"),
+)
+
 # Per-domain signing keys (DKIM, and ARC seals on forwarded mail). A key is
 # "active" (signs, and is published) until rotation makes it "retiring"
 # (published, no longer signs) and finally "retired" (may be unpublished).

@@ -31,6 +31,7 @@ from mailwarden.storage.interfaces import (
     SPECIAL_MAILBOXES,
     Account,
     Activity,
+    AppPasswordInfo,
     DeliveryBatch,
     DmarcRecord,
     MailboxInfo,
@@ -382,6 +383,7 @@ class SqlStore:
             blobs = [r[0] for r in conn.execute(select(t.messages.c.blob).where(t.messages.c.account_id == account_id))]
             conn.execute(delete(t.messages).where(t.messages.c.account_id == account_id))
             conn.execute(delete(t.mailboxes).where(t.mailboxes.c.account_id == account_id))
+            conn.execute(delete(t.app_passwords).where(t.app_passwords.c.account == account_id))
             conn.execute(delete(t.accounts).where(t.accounts.c.id == account_id))
             self._bump(conn)
             return self._delete_inline(conn, blobs)
@@ -405,6 +407,79 @@ class SqlStore:
             if res.rowcount == 0:
                 raise StorageError(f"no such user {address}")
             self._bump(conn)
+
+        await self._tx(work)
+
+    # ---- app passwords (security/app_passwords.py) ----------------------
+
+    async def add_app_password(self, address: str, name: str, password_hash: str, limit: int) -> None:
+        """Store a named app password; names are unique per user, at most `limit` per user."""
+        address = normalize_address(address)
+        name = name.strip()
+        if not name or len(name) > 64 or any(ord(c) < 32 for c in name):
+            raise StorageError("an app password name is 1 to 64 printable characters")
+
+        def work(conn: Connection) -> None:
+            account_id = self._account_id(conn, address)
+            if account_id is None:
+                raise StorageError(f"no such user {address}")
+            ap = t.app_passwords
+            names = [r[0] for r in conn.execute(select(ap.c.name).where(ap.c.account == account_id))]
+            if name in names:
+                raise StorageError(f"{address} already has an app password named {name!r}")
+            if len(names) >= limit:
+                raise StorageError(f"{address} has {len(names)} app passwords, the most allowed; revoke one first")
+            conn.execute(insert(ap).values(account=account_id, name=name, hash=password_hash, created=time.time()))
+
+        await self._tx(work)
+
+    async def list_app_passwords(self, address: str) -> list[AppPasswordInfo]:
+        address = normalize_address(address)
+
+        def work(conn: Connection) -> list[AppPasswordInfo]:
+            account_id = self._account_id(conn, address)
+            if account_id is None:
+                raise StorageError(f"no such user {address}")
+            ap = t.app_passwords
+            rows = conn.execute(
+                select(ap.c.name, ap.c.created, ap.c.last_used).where(ap.c.account == account_id).order_by(ap.c.name)
+            )
+            return [AppPasswordInfo(r.name, r.created, r.last_used) for r in rows]
+
+        return await self._read(work)
+
+    async def revoke_app_password(self, address: str, name: str) -> bool:
+        address = normalize_address(address)
+
+        def work(conn: Connection) -> bool:
+            account_id = self._account_id(conn, address)
+            if account_id is None:
+                raise StorageError(f"no such user {address}")
+            ap = t.app_passwords
+            return conn.execute(delete(ap).where(ap.c.account == account_id, ap.c.name == name.strip())).rowcount > 0
+
+        return await self._tx(work)
+
+    async def app_password_hashes(self, address: str, limit: int = 20) -> list[tuple[int, str]]:
+        """(id, hash) of a user's app passwords, oldest first, for login; [] for an unknown user."""
+        address = normalize_address(address)
+        ap = t.app_passwords
+
+        def work(conn: Connection) -> list[tuple[int, str]]:
+            rows = conn.execute(
+                select(ap.c.id, ap.c.hash)
+                .join(t.accounts, t.accounts.c.id == ap.c.account)
+                .where(t.accounts.c.address == address)
+                .order_by(ap.c.id)
+                .limit(limit)
+            )
+            return [(r[0], r[1]) for r in rows]
+
+        return await self._read(work)
+
+    async def touch_app_password(self, app_id: int, now: float) -> None:
+        def work(conn: Connection) -> None:
+            conn.execute(update(t.app_passwords).where(t.app_passwords.c.id == app_id).values(last_used=now))
 
         await self._tx(work)
 
