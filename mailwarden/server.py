@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,12 +383,24 @@ class Server:
         await self.spool.stop()
         await self.filer.stop()
         if self.queue_runner is not None:
-            await self.queue_runner.stop()
+            await _bounded_step("queue_runner", self.queue_runner.stop(), 15)
         if self.transport is not None:
-            await self.transport.close()
+            await _bounded_step("transport", self.transport.close(), 10)
         self.metrics.stop()
         await self.store.close()
         log_event("stopped")
+
+
+STOP_TIMEOUT = 20.0  # seconds a clean stop may take before the process exits anyway
+
+
+async def _bounded_step(step: str, work: Awaitable[None], seconds: float) -> None:
+    """One step of a stop that must not hold the process past `seconds`: what it leaves undone
+    (a send cut off, a polite QUIT) is redone or harmless at the next start."""
+    try:
+        await asyncio.wait_for(work, seconds)
+    except TimeoutError:
+        log_event("stop_step_timeout", logging.WARNING, step=step, seconds=seconds)
 
 
 def queue_wake_file(paths: InstancePaths) -> Path:
@@ -418,7 +430,9 @@ async def run_until_signalled(server: Server, on_ready: Callable[[], None]) -> N
     on_ready()
     await stop.wait()
     log_event("stopping")
-    await server.stop()
+    # A stop never hangs the process: past the bound it exits anyway. Nothing is lost by that;
+    # acknowledged mail is in the journal, which the next start files (kill -9 is the same case).
+    await _bounded_step("server", server.stop(), STOP_TIMEOUT)
 
 
 async def serve_forever(config: Config, paths: InstancePaths) -> None:
