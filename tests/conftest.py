@@ -16,7 +16,8 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,19 @@ TEST_CONFIG: dict[str, Any] = {
     "guard.account_threshold": 1_000_000,
 }
 _TEST_DNS: list[str] = []  # HOST:PORT of the session's DNS server, set by the _dns_backend fixture
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy (a state the server reaches on its own:
+    a sync interval, a log line, a timer in the kernel); fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
 
 
 @dataclass

@@ -27,8 +27,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import trustme
 from mailwarden import config as config_mod
 from mailwarden.dns.resolver import Resolver
 from mailwarden.outbound.delivery import MxTransport
+from tests.conftest import wait_until
 
 GOOD_IP, PLAIN_IP, ROGUE_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 POLICY_IP = "127.0.0.5"
@@ -49,18 +49,6 @@ plain.mx.test. 300 IN A {PLAIN_IP}
 rogue.mx.test. 300 IN A {ROGUE_IP}
 """
 TRACE_HEADERS = (b"return-path:", b"x-original-to:", b"delivered-to:", b"received:")
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def free_port(addresses: tuple[str, ...]) -> int:

@@ -10,13 +10,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
 
 import pytest
 
-from tests.conftest import ALICE, ALICE_PW, BOB, RunningServer, make_instance, spawn_serve
+from tests.conftest import ALICE, ALICE_PW, BOB, RunningServer, make_instance, spawn_serve, wait_until
 
 EVENTS = ("auth_fail", "unknown_user", "relay", "protocol", "early_talker", "scanner")
 BAN_LINE = re.compile(
@@ -78,15 +77,6 @@ def greeting(port: int, source: str, timeout: float = 10) -> tuple[int, bytes]:
                 break
             data += chunk
     return int(data[:3] or b"0"), data[4:].split(b"\r\n")[0]
-
-
-def until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    """Wait for a condition the server reaches asynchronously (a sync interval, a log line), with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def bans_logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, ...]]:
@@ -175,7 +165,7 @@ def test_port_scanner_is_banned(server_factory: Any) -> None:
     server = server_factory(guard_config(scanner=3))
     for _ in range(3):  # connect, read nothing useful, hang up
         socket.create_connection(("127.0.0.1", server.ports["mx"]), source_address=("127.0.0.7", 0)).close()
-    until(lambda: greeting(server.ports["mx"], "127.0.0.7")[0] == 421)
+    wait_until(lambda: greeting(server.ports["mx"], "127.0.0.7")[0] == 421)
 
 
 # ---- allow and deny lists ---------------------------------------------------------
@@ -191,7 +181,7 @@ def test_allow_listed_ip_is_never_banned_and_wins_over_a_ban(server_factory: Any
     assert greeting(server.ports["mx"], "127.0.0.9")[0] == 421
     code, _, err = server.cli("allow", "add", "127.0.0.9")
     assert code == 0, err
-    until(lambda: greeting(server.ports["mx"], "127.0.0.9")[0] == 220)  # the allow list beats the ban in force
+    wait_until(lambda: greeting(server.ports["mx"], "127.0.0.9")[0] == 220)  # the allow list beats the ban in force
     code, out, _ = server.cli("allow", "list")
     assert out.splitlines() == ["127.0.0.8/32\tconfig", "127.0.0.9/32\tcli"]
 
@@ -203,9 +193,9 @@ def test_deny_list_refuses_per_listener(server_factory: Any) -> None:
     assert greeting(server.ports["submission"], "127.0.0.10")[0] == 220  # mx only
     assert greeting(server.ports["mx"], "127.0.0.11")[0] == 220
     assert server.cli("deny", "add", "127.0.0.11/32")[0] == 0
-    until(lambda: greeting(server.ports["mx"], "127.0.0.11")[0] == 554)
+    wait_until(lambda: greeting(server.ports["mx"], "127.0.0.11")[0] == 554)
     assert server.cli("deny", "remove", "127.0.0.11")[0] == 0
-    until(lambda: greeting(server.ports["mx"], "127.0.0.11")[0] == 220)
+    wait_until(lambda: greeting(server.ports["mx"], "127.0.0.11")[0] == 220)
 
 
 # ---- CLI bans -------------------------------------------------------------------------
@@ -264,7 +254,7 @@ def test_connection_limits_per_ip(server_factory: Any) -> None:
     assert greeting(port, "127.0.0.16")[0] == 220  # another address is not affected
     for sock in held:
         sock.close()
-    until(lambda: server.server.conn_guard.open_connections("mx", "127.0.0.15") == 0)
+    wait_until(lambda: server.server.conn_guard.open_connections("mx", "127.0.0.15") == 0)
     code, text = greeting(port, "127.0.0.15")  # the 3rd admitted connection this minute
     assert code == 220
     code, text = greeting(port, "127.0.0.15")

@@ -30,7 +30,16 @@ from aiosmtpd.controller import Controller
 
 from mailwarden.outbound.queue_runner import QueueRunner
 from mailwarden.storage.sql import SqlStore
-from tests.conftest import ALICE, ALICE_PW, BOB, RunningServer, TlsMaterial, make_instance, spawn_serve
+from tests.conftest import (
+    ALICE,
+    ALICE_PW,
+    BOB,
+    RunningServer,
+    TlsMaterial,
+    make_instance,
+    spawn_serve,
+    wait_until,
+)
 
 FRIEND = "friend@remote.test"
 NOBODY = "nobody@remote.test"
@@ -456,16 +465,11 @@ def test_flush_wakes_the_running_server(server_factory: Any, tls: TlsMaterial, p
     peer.data_replies = ["451 4.3.0 later"]
     q.send([FRIEND])
     peer.wait_attempts(1)
-    deadline = time.monotonic() + 30
-    while not (q.queue() and q.queue()[0].attempts == 1):  # the deferral is recorded
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: q.queue() and q.queue()[0].attempts == 1, 30, "the deferral to be recorded")
     code, out, _ = rs.cli("queue", "flush")
     assert code == 0 and "1 queued recipient due now" in out
     peer.wait_attempts(2, timeout=10)  # an hour early, because of the flush
-    while q.queue():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: not q.queue(), 30, "the queue to empty")
 
 
 # ---- storage --------------------------------------------------------------------------

@@ -559,20 +559,7 @@ class SqlStore:
         def work(conn: Connection) -> list[MessageInfo]:
             box = self._mailbox_row(conn, account, mailbox)
             rows = conn.execute(select(t.messages).where(t.messages.c.mailbox_id == box.id).order_by(t.messages.c.uid))
-            return [
-                MessageInfo(
-                    r.uid,
-                    r.size,
-                    r.internal_date,
-                    tuple(r.flags.split()),
-                    r.from_addr,
-                    r.subject,
-                    r.date_hdr,
-                    r.blob,
-                    r.queue_id,
-                )
-                for r in rows
-            ]
+            return [self._message_info(r) for r in rows]
 
         return await self._read(work)
 
