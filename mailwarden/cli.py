@@ -37,6 +37,7 @@ from mailwarden.security.passwords import PasswordPolicyError, check_policy
 from mailwarden.security.tls import TlsConfigError, write_self_signed
 from mailwarden.server import InstancePaths, make_hashing, open_store, queue_wake_file, serve_forever
 from mailwarden.storage.interfaces import SigningKey, StorageError
+from mailwarden.storage.quota import QuotaState, SizeError, format_size, human_size, parse_size
 from mailwarden.storage.sql import SqlStore
 
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmd(dom, "add", cmd_domain_add, "host a domain").add_argument("domain")
     cmd(dom, "list", cmd_domain_list, "list hosted domains")
+    sp = cmd(dom, "quota", cmd_domain_quota, "show or set the storage quota of a domain's accounts")
+    sp.add_argument("domain")
+    sp.add_argument("size", nargs="?", help='e.g. 500M, 2G; 0 = unlimited; "default" = accounts.default_quota')
 
     dk = sub.add_parser("dkim", help="domain signing keys").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
@@ -111,7 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("address")
     sp.add_argument("--password-stdin", action="store_true")
     cmd(usr, "del", cmd_user_del, "delete an account and its mail").add_argument("address")
-    cmd(usr, "list", cmd_user_list, "list accounts")
+    cmd(usr, "list", cmd_user_list, "list accounts").add_argument(
+        "--quota", action="store_true", help="with storage used, quota and where the quota comes from"
+    )
+    cmd(usr, "show", cmd_user_show, "an account's storage use and quota, and whether it is on hold").add_argument(
+        "address"
+    )
+    sp = cmd(usr, "quota", cmd_user_quota, "show or set an account's storage quota")
+    sp.add_argument("address")
+    sp.add_argument("size", nargs="?", help='e.g. 500M, 2G; 0 = unlimited; "default" = the domain\'s or global one')
+    cmd(usr, "quota-recount", cmd_user_quota_recount, "recount storage use from the stored messages").add_argument(
+        "address", nargs="?"
+    )
     sp = cmd(usr, "passwd", cmd_user_passwd, "set a new password")
     sp.add_argument("address")
     sp.add_argument("--password-stdin", action="store_true")
@@ -444,8 +459,83 @@ def cmd_user_unhold(args: argparse.Namespace) -> None:
 
 
 def cmd_user_list(args: argparse.Namespace) -> None:
-    for address in _with_store(args, lambda s: s.list_accounts()):
-        print(address)
+    if not args.quota:
+        for address in _with_store(args, lambda s: s.list_accounts()):
+            print(address)
+        return
+    default = _default_quota(args)
+    print("ADDRESS\tUSED\tQUOTA\tFROM")
+    for state in _with_store(args, lambda s: s.quota_report()):
+        print(f"{state.address}\t{state.used}\t{_quota_text(state.limit(default))}\t{state.source()}")
+
+
+# ---- storage quotas (storage/quota.py) ----------------------------------
+
+
+def _default_quota(args: argparse.Namespace) -> int:
+    return parse_size(_load_config(_paths(args)).get("accounts.default_quota"))
+
+
+def _quota_text(limit: int) -> str:
+    return format_size(limit) if limit else "unlimited"
+
+
+def _size_arg(text: str) -> int | None:
+    """A quota typed on the command line; None for "default" (remove the override)."""
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _quota_state(args: argparse.Namespace, address: str) -> QuotaState:
+    state = _with_store(args, lambda s: s.quota_states([address])).get(address)
+    if state is None:
+        raise CliError(f"no such user {address}")
+    return state
+
+
+def cmd_user_show(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower()
+    state = _quota_state(args, address)
+    limit = state.limit(_default_quota(args))
+    held = _with_store(args, lambda s: s.account_hold(address))
+    print(f"address: {address}")
+    share = f" ({100 * state.used / limit:.1f}%)" if limit else ""
+    print(f"storage used: {state.used} bytes, {human_size(state.used)}{share}")
+    print(f"storage quota: {_quota_text(limit)} (from {state.source()})")
+    print(f"on hold: {held}" if held else "on hold: no")
+
+
+def cmd_user_quota(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower()
+    if args.size is not None:
+        _with_store(args, lambda s: s.set_user_quota(address, _size_arg(args.size)))
+    state = _quota_state(args, address)
+    limit = state.limit(_default_quota(args))
+    print(f"{address}: quota {_quota_text(limit)} (from {state.source()}), used {state.used} bytes")
+
+
+def cmd_user_quota_recount(args: argparse.Namespace) -> None:
+    address = args.address.strip().lower() if args.address else None
+    for who, was, now in _with_store(args, lambda s: s.recount_usage(address)):
+        print(f"{who}\t{now}" + (f"\t(was {was})" if was != now else ""))
+
+
+def cmd_domain_quota(args: argparse.Namespace) -> None:
+    domain = args.domain.strip().lower().rstrip(".")
+    if args.size is not None:
+        _with_store(args, lambda s: s.set_domain_quota(domain, _size_arg(args.size)))
+    quotas = _with_store(args, lambda s: s.domain_quotas())
+    if domain not in quotas:
+        raise CliError(f"{domain} is not a hosted domain")
+    limit = quotas[domain]
+    if limit is None:
+        print(f"{domain}: accounts.default_quota ({_quota_text(_default_quota(args))}) for accounts without their own")
+    else:
+        print(f"{domain}: {_quota_text(limit)} for accounts without their own")
 
 
 def cmd_user_passwd(args: argparse.Namespace) -> None:

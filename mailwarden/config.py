@@ -110,6 +110,15 @@ def _check_zones(key: str, value: Any) -> None:
         raise ConfigError(key, str(exc)) from None
 
 
+def _check_size(key: str, value: Any) -> None:
+    from mailwarden.storage.quota import SizeError, parse_size
+
+    try:
+        parse_size(value)
+    except SizeError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 GUARD_EVENTS = ("auth_fail", "unknown_user", "relay", "protocol", "early_talker", "scanner")
 GUARD_LISTENERS = ("mx", "submission", "submissions", "imap", "imaps", "web")
 
@@ -575,6 +584,16 @@ OPTIONS: tuple[Option, ...] = (
         "Users and/or domains whose mail clients must use app passwords: their account password is refused on IMAP "
         'and SMTP AUTH, e.g. ["alice@example.org", "example.net"].',
         validator=_check_str_list,
+    ),
+    # ---- storage quotas (storage/quota.py) ----
+    Option(
+        "accounts.default_quota",
+        str,
+        "1G",
+        "Storage quota of an account with neither its own (`user quota`) nor its domain's (`domain quota`): bytes "
+        'or a size with a binary unit, e.g. "500M", "2G"; "0" = unlimited. Mail past it gets 452 4.2.2 (SMTP) or '
+        "NO [OVERQUOTA] (IMAP APPEND/COPY).",
+        validator=_check_size,
     ),
     # ---- dkim (outbound signing) ----
     Option(

@@ -66,6 +66,7 @@ from mailwarden.security.guard import Guard, banned_decision
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
 from mailwarden.storage.interfaces import SPECIAL_MAILBOXES, MailboxInfo, MessageInfo, StorageError
+from mailwarden.storage.quota import QuotaExceeded, parse_size
 
 log = logging.getLogger("mailwarden.imap")
 
@@ -425,6 +426,15 @@ class ImapSession(asyncio.Protocol):
             if exc.status == "BAD":
                 await self._count_error()
             return
+        except QuotaExceeded as exc:  # RFC 9208 §4.3: nothing was stored
+            log_event(
+                "quota_full", sid=self.sid, proto="imap", user=self.user, size=exc.extra,
+                used=exc.state.used, limit=exc.limit,
+            )  # fmt: skip
+            await self.write(
+                fmt.tagged(tag, "NO", "Quota exceeded: not enough room for this in the mailbox", "OVERQUOTA")
+            )
+            return
         except StorageError as exc:
             await self.write(fmt.tagged(tag, "NO", str(exc)))
             return
@@ -461,7 +471,7 @@ class ImapSession(asyncio.Protocol):
 
     def _caps(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE"]
-        caps += ["UNSELECT", "SPECIAL-USE", "CHILDREN", "QUOTA"]
+        caps += ["UNSELECT", "SPECIAL-USE", "CHILDREN", "QUOTA", "QUOTA=RES-STORAGE"]
         if not self.user:
             if not self.tls:
                 caps += ["STARTTLS", "LOGINDISABLED"]
@@ -637,6 +647,13 @@ class ImapSession(asyncio.Protocol):
 
     async def cmd_RENAME(self, cmd: Command) -> str:
         old, new = _mailbox_name(cmd.args[0]), _mailbox_name(cmd.args[1])
+        if old == "INBOX":  # RFC 3501 §6.3.5: INBOX's messages move to the new mailbox; INBOX stays, empty
+            if new == "INBOX" or await self.services.store.imap_mailbox(self.user, new) is not None:
+                raise ImapError("target mailbox exists", "ALREADYEXISTS")
+            await self.services.store.imap_rename_inbox(self.user, new)
+            self.services.hub.changed()
+            await self._sync(expunge=True)
+            return "RENAME completed"
         self._protected(old)
         await self._box(old)
         if await self.services.store.imap_mailbox(self.user, new) is not None or new == "INBOX":
@@ -730,7 +747,9 @@ class ImapSession(asyncio.Protocol):
             raise bad("empty message")
         stamp = when.timestamp() if when is not None else time.time()
         clean = [_flag(f) for f in flags if f.upper() != "\\RECENT"]
-        validity, uid = await self.services.store.imap_append(self.user, name, message, clean, stamp)
+        validity, uid = await self.services.store.imap_append(
+            self.user, name, message, clean, stamp, self._default_quota()
+        )
         self.services.hub.changed()
         await self._sync(expunge=True)
         return (f"APPENDUID {validity} {uid}", "APPEND completed")
@@ -757,9 +776,17 @@ class ImapSession(asyncio.Protocol):
         await self._quota()
         return "GETQUOTA completed"
 
+    def _default_quota(self) -> int:
+        return parse_size(self.services.config.get("accounts.default_quota"))
+
     async def _quota(self) -> None:
-        # No limit yet: usage is reported with an empty resource list (RFC 2087 allows none).
-        await self.write(b'* QUOTA "" ()\r\n')
+        """`* QUOTA "" (STORAGE used limit)` in KiB, rounded up (RFC 9208 §5.1); no resource when unlimited."""
+        state = (await self.services.store.quota_states([self.user]))[self.user.lower()]
+        limit = state.limit(self._default_quota())
+        if not limit:
+            await self.write(b'* QUOTA "" ()\r\n')
+            return
+        await self.write(b'* QUOTA "" (STORAGE %d %d)\r\n' % (-(-state.used // 1024), -(-limit // 1024)))
 
     # ---- selected -----------------------------------------------------------------------------------------------------
 
@@ -957,7 +984,9 @@ class ImapSession(asyncio.Protocol):
         uids = self._resolve(seq, cmd.uid)
         if not uids:
             return f"{cmd.name} completed"
-        validity, src, dst = await self.services.store.imap_copy(sel.box.id, uids, self.user, dest, move)
+        validity, src, dst = await self.services.store.imap_copy(
+            sel.box.id, uids, self.user, dest, move, self._default_quota()
+        )
         self.services.hub.changed()
         code = f"COPYUID {validity} {compress_uids(src)} {compress_uids(dst)}" if src else None
         if move:

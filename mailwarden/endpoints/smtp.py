@@ -45,7 +45,7 @@ from mailwarden.outbound.quotas import Quotas, alert_message
 from mailwarden.outbound.signing import is_trusted_client, sign_accepted
 from mailwarden.pipeline.content import ContentStage, outbound_hold_reason
 from mailwarden.pipeline.filing import Filer
-from mailwarden.pipeline.headers import received_header
+from mailwarden.pipeline.headers import received_header, return_path
 from mailwarden.pipeline.inbound import (
     InboundEnvelope,
     InboundPolicy,
@@ -54,6 +54,7 @@ from mailwarden.pipeline.inbound import (
     inbound_content_stage,
 )
 from mailwarden.pipeline.local_mail import deliver_local
+from mailwarden.pipeline.mailbox_quota import DataDecision, data_check, declared_size, dsn_message, rcpt_check
 from mailwarden.pipeline.recipients import check_recipient
 from mailwarden.pipeline.reports import dmarc_record
 from mailwarden.pipeline.submission import (
@@ -69,6 +70,7 @@ from mailwarden.security.guard import Decision, Guard, banned_decision
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
 from mailwarden.storage.interfaces import Accounts, DmarcStore, Resolution
+from mailwarden.storage.quota import parse_size
 from mailwarden.storage.spool import Spool, SpoolRecord, SpoolWriteError, new_queue_id
 
 log = logging.getLogger("mailwarden.smtp")
@@ -160,6 +162,7 @@ class SmtpSession(SMTP):
         self.cfg_data_line: int = cfg.get("smtp.max_data_line")
         self.cfg_data_timeout: float = cfg.get("smtp.data_timeout")
         self.cfg_delim: str = cfg.get("smtp.recipient_delimiter")
+        self.cfg_default_quota = parse_size(cfg.get("accounts.default_quota"))
         # aiosmtpd's own __init__ introspects the class with inspect.getmembers
         # on every connection (~6% of CPU under load); we set the same state
         # from tables built once per class (_class_tables).
@@ -519,6 +522,13 @@ class SmtpSession(SMTP):
         refusal = await self._reputation_refusal()
         if refusal is None and self.session.authenticated:  # type: ignore[union-attr]
             refusal = await self._quota_refusal(messages=0, recipients=len(env.rcpt_tos) + 1)
+        if refusal is None and res.local:  # storage quota (pipeline/mailbox_quota.py)
+            try:
+                size = declared_size(env.mail_options)
+                await rcpt_check(self.services.accounts, address, res, size, self.cfg_default_quota, self.sid)
+            except SmtpReply as reply:
+                self._reject("quota_full")
+                refusal = reply.line()
         if refusal is not None:
             return refusal
         env.rcpt_tos.append(address)
@@ -763,6 +773,8 @@ class SmtpSession(SMTP):
             accounts = self.services.accounts
             data = await sign_accepted(prefix + message, header_block, sender, accounts.active_signing_keys, qid) + data
         arc_set = await self._seal_forward(data, remote_domain) if remote_domain and inbound is not None else b""
+        quota = await self._quota_at_data(local, remote, sender, len(return_path(sender)) + len(data))
+        local = quota.local
         envelope = {
             "sender": sender,
             "local": [[rcpt, account, mailbox] for account, rcpt in local.items()],
@@ -788,6 +800,8 @@ class SmtpSession(SMTP):
             self._reject("spool_error")
             raise SmtpReply(451, "4.3.0", "Temporary storage failure, try again later") from None
         self.services.filer.submit(SpoolRecord(qid, envelope, data))
+        if quota.bounced:
+            await self._quota_dsn(quota, qid, sender, data)
         self.messages += 1
         if self.session.authenticated and self.services.quotas is not None and self.user:  # type: ignore[union-attr]
             try:
@@ -806,6 +820,29 @@ class SmtpSession(SMTP):
             size=len(data),
         )
         return f"250 2.0.0 Ok: queued as {qid}"
+
+    async def _quota_at_data(self, local: dict[str, str], remote: list[str], sender: str, size: int) -> DataDecision:
+        """The storage quota recheck with the stored size (pipeline/mailbox_quota.py); 452 if nobody has room."""
+        try:
+            return await data_check(
+                self.services.accounts, local, remote, sender, size, self.cfg_default_quota, self.cfg_delim, self.sid
+            )
+        except SmtpReply:
+            self._reject("quota_full")
+            raise
+
+    async def _quota_dsn(self, quota: DataDecision, qid: str, sender: str, data: bytes) -> None:
+        """Spool the DSN for recipients whose mailbox was full; a failure is logged (the message itself is safe)."""
+        primary = self.services.config.get("server.primary_domain") or self.hostname
+        envelope, dsn = dsn_message(quota, qid, sender, data, self.hostname, primary)
+        dsn_qid = new_queue_id()
+        try:
+            await self.services.spool.append(dsn_qid, envelope, dsn)
+        except SpoolWriteError as exc:
+            log_event("quota_dsn_failed", logging.ERROR, sid=self.sid, qid=qid, error=str(exc))
+            return
+        self.services.filer.submit(SpoolRecord(dsn_qid, envelope, dsn))
+        log_event("quota_dsn", sid=self.sid, qid=qid, dsn_qid=dsn_qid, rcpts=len(quota.bounced))
 
     async def _seal_forward(self, data: bytes, domain: str) -> bytes:
         """The ARC set for mail this MX forwards (RFC 8617), signed with the forwarding domain's RSA key.

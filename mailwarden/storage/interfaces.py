@@ -7,8 +7,12 @@ backend, so the SQLite/files implementation can be swapped for PostgreSQL
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from mailwarden.storage.quota import QuotaState
 
 SPECIAL_MAILBOXES: tuple[tuple[str, str | None], ...] = (
     ("INBOX", None),
@@ -217,6 +221,9 @@ class Accounts(Protocol):
     async def resolve(self, address: str, delimiter: str) -> Resolution: ...
     async def sender_addresses(self, account: str) -> set[str]: ...
     def active_signing_keys(self, domain: str) -> list[SigningKey]: ...
+    async def quota_states(self, addresses: Sequence[str]) -> dict[str, QuotaState]:
+        """Storage usage and quotas of accounts (storage/quota.py): one indexed read, never a SUM."""
+        ...
 
 
 class Mailboxes(Protocol):

@@ -16,7 +16,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 4  # 2: blob_data (small bodies in the database); 3: dkim_keys; 4: dkim_keys.retire_at
+SCHEMA_VERSION = 5  # 2: blob_data (small bodies in the database); 3: dkim_keys; 4: dkim_keys.retire_at;
+# 5: storage quotas (domains.quota_bytes, accounts.quota_bytes and accounts.used_bytes, recounted on upgrade)
 
 metadata = MetaData()
 
@@ -31,7 +32,11 @@ domains = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(253), nullable=False, unique=True),
+    # Storage quota for the domain's accounts in bytes (storage/quota.py); NULL: accounts.default_quota, 0: none.
+    Column("quota_bytes", Integer),
 )
+
+DOMAIN_UPGRADE_COLUMNS = (("quota_bytes", "INTEGER"),)
 
 accounts = Table(
     "accounts",
@@ -41,7 +46,13 @@ accounts = Table(
     Column("domain_id", Integer, ForeignKey("domains.id"), nullable=False),
     Column("password_hash", Text, nullable=False),
     Column("created", Float, nullable=False),
+    # Storage quota (storage/quota.py): the account's own limit in bytes (NULL: its domain's, 0: none), and the
+    # sum of its messages' sizes, kept by every transaction that adds or removes messages.
+    Column("quota_bytes", Integer),
+    Column("used_bytes", Integer, nullable=False, default=0, server_default="0"),
 )
+
+ACCOUNT_UPGRADE_COLUMNS = (("quota_bytes", "INTEGER"), ("used_bytes", "INTEGER NOT NULL DEFAULT 0"))
 
 aliases = Table(
     "aliases",

@@ -44,6 +44,7 @@ from mailwarden.storage.interfaces import (
     StorageError,
     Usage,
 )
+from mailwarden.storage.quota import QuotaExceeded, QuotaState
 
 _HEADER_SCAN_LIMIT = 64 * 1024
 
@@ -167,6 +168,8 @@ class SqlStore:
             t.metadata.create_all(conn)
             self._upgrade_queue_columns(conn)
             self._upgrade_columns(conn, "mailboxes", t.MAILBOX_UPGRADE_COLUMNS)
+            self._upgrade_columns(conn, "accounts", t.ACCOUNT_UPGRADE_COLUMNS)
+            self._upgrade_columns(conn, "domains", t.DOMAIN_UPGRADE_COLUMNS)
             version = conn.execute(select(t.schema_version.c.version)).scalar()
             if version is None:
                 conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION))
@@ -175,6 +178,8 @@ class SqlStore:
             elif version < t.SCHEMA_VERSION:  # other changes only added tables, which create_all made
                 if version == 3:  # 4: key rotation's retire time (older versions had no dkim_keys: create_all made it)
                     conn.execute(text("ALTER TABLE dkim_keys ADD COLUMN retire_at FLOAT"))
+                if version < 5:  # 5: the usage counter starts from the messages already stored
+                    self._recount_usage(conn, None)
                 conn.execute(update(t.schema_version).values(version=t.SCHEMA_VERSION))
             if conn.execute(select(t.directory_serial.c.serial)).first() is None:
                 conn.execute(insert(t.directory_serial).values(serial=1))
@@ -714,10 +719,15 @@ class SqlStore:
 
     def _drop_messages(self, conn: Connection, where: Any) -> tuple[list[int], list[str]]:
         """Delete message rows and their inline bodies; (UIDs, body files to delete after commit)."""
-        rows = conn.execute(select(t.messages.c.id, t.messages.c.uid, t.messages.c.blob).where(where)).all()
+        c = t.messages.c
+        rows = conn.execute(select(c.id, c.uid, c.blob, c.account_id, c.size).where(where)).all()
         ids = [r.id for r in rows]
         for i in range(0, len(ids), 500):
             conn.execute(delete(t.messages).where(t.messages.c.id.in_(ids[i : i + 500])))
+        freed: dict[int, int] = {}
+        for r in rows:
+            freed[r.account_id] = freed.get(r.account_id, 0) - r.size
+        self._charge(conn, freed)
         return [r.uid for r in rows], self._delete_inline(conn, [r.blob for r in rows])
 
     async def imap_delete_mailbox(self, account: str, name: str) -> None:
@@ -847,17 +857,27 @@ class SqlStore:
             )
         )
         conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == box.id).values(uidnext=uid + 1))
+        self._charge(conn, {box.account_id: len(data)})
         return uid
 
     async def imap_append(
-        self, account: str, name: str, data: bytes, flags: Sequence[str], internal_date: float
+        self,
+        account: str,
+        name: str,
+        data: bytes,
+        flags: Sequence[str],
+        internal_date: float,
+        default_quota: int = 0,
     ) -> tuple[int, int]:
-        """File a message a client appended; (UIDVALIDITY, UID). StorageError if there is no such mailbox."""
+        """File a message a client appended; (UIDVALIDITY, UID). StorageError if there is no such mailbox,
+        QuotaExceeded (nothing stored) if it would take the account over its quota."""
 
         def work(conn: Connection) -> tuple[int, int]:
-            box = self._box_by_name(conn, self._account_or_fail(conn, account), name)
+            account_id = self._account_or_fail(conn, account)
+            box = self._box_by_name(conn, account_id, name)
             if box is None:
                 raise StorageError(f"no mailbox {name!r}")
+            self._check_quota(conn, account_id, len(data), default_quota)
             inline: list[dict[str, Any]] = []
             uid = self._add_message(conn, box, data, flags, internal_date, inline)
             if inline:
@@ -867,14 +887,24 @@ class SqlStore:
         return await self._tx(work)
 
     async def imap_copy(
-        self, mailbox_id: int, uids: Sequence[int], account: str, dest: str, move: bool = False
+        self,
+        mailbox_id: int,
+        uids: Sequence[int],
+        account: str,
+        dest: str,
+        move: bool = False,
+        default_quota: int = 0,
     ) -> tuple[int, list[int], list[int]]:
         """Copy (or move) messages to another mailbox of the account, in UID order.
 
-        Returns (destination UIDVALIDITY, source UIDs found, their new UIDs)."""
+        Returns (destination UIDVALIDITY, source UIDs found, their new UIDs). A
+        COPY that would take the account over its quota raises QuotaExceeded and
+        copies nothing; a MOVE within the account adds nothing, so it is never refused.
+        """
 
         def work(conn: Connection) -> tuple[int, list[int], list[int], list[str]]:
-            box = self._box_by_name(conn, self._account_or_fail(conn, account), dest)
+            account_id = self._account_or_fail(conn, account)
+            box = self._box_by_name(conn, account_id, dest)
             if box is None:
                 raise StorageError(f"no mailbox {dest!r}")
             wanted = sorted(set(uids))
@@ -886,6 +916,9 @@ class SqlStore:
                     )
                 ).all()
             rows.sort(key=lambda r: r.uid)
+            moving_here = move and all(r.account_id == account_id for r in rows)
+            if not moving_here:
+                self._check_quota(conn, account_id, sum(r.size for r in rows), default_quota)
             inline: list[dict[str, Any]] = []
             new_uids = []
             for r in rows:
@@ -908,15 +941,144 @@ class SqlStore:
         return validity, src, dst
 
     async def imap_usage(self, account: str) -> int:
-        """Octets of mail an account stores (GETQUOTAROOT)."""
+        """Octets of mail an account stores (its `used_bytes` counter)."""
 
         def work(conn: Connection) -> int:
-            account_id = self._account_or_fail(conn, account)
+            self._account_or_fail(conn, account)
             return conn.execute(
-                select(func.coalesce(func.sum(t.messages.c.size), 0)).where(t.messages.c.account_id == account_id)
+                select(t.accounts.c.used_bytes).where(t.accounts.c.address == normalize_address(account))
             ).scalar()
 
         return await self._read(work)
+
+    async def imap_rename_inbox(self, account: str, new: str) -> None:
+        """RENAME INBOX (RFC 3501 §6.3.5): a new mailbox takes every INBOX message, INBOX stays, empty.
+
+        The messages keep their UIDs (the new mailbox has its own UIDVALIDITY and
+        INBOX's UIDNEXT), their bodies and flags; INBOX keeps its UIDNEXT, so no UID
+        is ever reused there. Usage does not change. INBOX's inferiors stay put.
+        """
+
+        def work(conn: Connection) -> None:
+            account_id = self._account_or_fail(conn, account)
+            inbox = self._box_by_name(conn, account_id, "INBOX")
+            if inbox is None:
+                raise StorageError("no INBOX")
+            if self._box_by_name(conn, account_id, new) is not None:
+                raise StorageError(f"mailbox {new!r} already exists")
+            res = conn.execute(
+                insert(t.mailboxes).values(
+                    account_id=account_id,
+                    name=new,
+                    special_use=None,
+                    uidvalidity=self._new_uidvalidity(conn, account_id),
+                    uidnext=inbox.uidnext,
+                    subscribed=1,
+                )
+            )
+            conn.execute(
+                update(t.messages)
+                .where(t.messages.c.mailbox_id == inbox.id)
+                .values(mailbox_id=res.inserted_primary_key[0])
+            )
+
+        await self._tx(work)
+
+    # ---- storage quotas (storage/quota.py) -------------------------------
+    #
+    # `accounts.used_bytes` changes in the transaction that adds or removes the
+    # messages (filing, APPEND, COPY, EXPUNGE, mailbox delete), so reading it is
+    # one indexed read; `recount_usage` rebuilds it from the messages.
+
+    @staticmethod
+    def _charge(conn: Connection, deltas: dict[int, int]) -> None:
+        for account_id, delta in deltas.items():
+            if delta:
+                conn.execute(
+                    update(t.accounts)
+                    .where(t.accounts.c.id == account_id)
+                    .values(used_bytes=t.accounts.c.used_bytes + delta)
+                )
+
+    @staticmethod
+    def _quota_rows(conn: Connection, where: Any) -> list[QuotaState]:
+        a, d = t.accounts.c, t.domains.c
+        rows = conn.execute(
+            select(a.address, a.used_bytes, a.quota_bytes, d.quota_bytes.label("domain_quota"))
+            .join(t.domains, d.id == a.domain_id)
+            .where(where)
+            .order_by(a.address)
+        )
+        return [QuotaState(r.address, r.used_bytes, r.quota_bytes, r.domain_quota) for r in rows]
+
+    def _check_quota(self, conn: Connection, account_id: int, extra: int, default: int) -> None:
+        """Raise QuotaExceeded (inside the caller's transaction, before it stores anything) if `extra` bytes do not fit."""
+        (state,) = self._quota_rows(conn, t.accounts.c.id == account_id)
+        if state.would_exceed(extra, default):
+            raise QuotaExceeded(state, extra, state.limit(default))
+
+    async def quota_states(self, addresses: Sequence[str]) -> dict[str, QuotaState]:
+        """Usage and quotas of these accounts (one indexed read), by address; unknown addresses are left out."""
+        wanted = sorted({normalize_address(a) for a in addresses})
+        if not wanted:
+            return {}
+        states = await self._read(self._quota_rows, t.accounts.c.address.in_(wanted))
+        return {s.address: s for s in states}
+
+    async def quota_report(self) -> list[QuotaState]:
+        """Every account's usage and quotas, by address (`user list --quota`)."""
+        return await self._read(self._quota_rows, t.accounts.c.id.is_not(None))
+
+    async def set_user_quota(self, address: str, limit: int | None) -> None:
+        """The account's own quota in bytes (0: unlimited); None: use its domain's or the default."""
+        address = normalize_address(address)
+
+        def work(conn: Connection) -> None:
+            res = conn.execute(update(t.accounts).where(t.accounts.c.address == address).values(quota_bytes=limit))
+            if res.rowcount == 0:
+                raise StorageError(f"no such user {address}")
+
+        await self._tx(work)
+
+    async def set_domain_quota(self, domain: str, limit: int | None) -> None:
+        """The quota of a domain's accounts without their own (0: unlimited); None: accounts.default_quota."""
+        domain = normalize_address(domain).rstrip(".")
+
+        def work(conn: Connection) -> None:
+            res = conn.execute(update(t.domains).where(t.domains.c.name == domain).values(quota_bytes=limit))
+            if res.rowcount == 0:
+                raise StorageError(f"{domain} is not a hosted domain")
+
+        await self._tx(work)
+
+    async def domain_quotas(self) -> dict[str, int | None]:
+        def work(conn: Connection) -> dict[str, int | None]:
+            return {r.name: r.quota_bytes for r in conn.execute(select(t.domains.c.name, t.domains.c.quota_bytes))}
+
+        return await self._read(work)
+
+    @staticmethod
+    def _recount_usage(conn: Connection, account_id: int | None) -> list[tuple[str, int, int]]:
+        a, m = t.accounts.c, t.messages.c
+        query = select(a.id, a.address, a.used_bytes)
+        if account_id is not None:
+            query = query.where(a.id == account_id)
+        changed = []
+        for r in conn.execute(query.order_by(a.address)).all():
+            real = conn.execute(select(func.coalesce(func.sum(m.size), 0)).where(m.account_id == r.id)).scalar()
+            if real != r.used_bytes:
+                conn.execute(update(t.accounts).where(a.id == r.id).values(used_bytes=real))
+            changed.append((r.address, r.used_bytes, real))
+        return changed
+
+    async def recount_usage(self, address: str | None = None) -> list[tuple[str, int, int]]:
+        """Rebuild `used_bytes` from the stored messages (one account, or all); (address, was, now) each."""
+
+        def work(conn: Connection) -> list[tuple[str, int, int]]:
+            account_id = None if address is None else self._account_or_fail(conn, address)
+            return self._recount_usage(conn, account_id)
+
+        return await self._tx(work)
 
     # ---- Delivery -------------------------------------------------------
 
@@ -988,6 +1150,10 @@ class SqlStore:
                 )
             if rows:
                 conn.execute(insert(t.messages), rows)
+                added: dict[int, int] = {}
+                for row in rows:
+                    added[row["account_id"]] = added.get(row["account_id"], 0) + row["size"]
+                self._charge(conn, added)
             for box_id, nxt in uidnext.items():
                 conn.execute(update(t.mailboxes).where(t.mailboxes.c.id == box_id).values(uidnext=nxt))
         if batch.remote:
