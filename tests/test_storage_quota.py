@@ -207,6 +207,23 @@ def test_submission_to_a_full_local_account_gets_452_at_rcpt(quota_server: Any) 
     assert [r[3] for r in quota_server.inbox(BOB)] == ["fills it"]
 
 
+def test_a_local_sender_gets_the_dsn_in_its_inbox(quota_server: Any) -> None:
+    set_quota(quota_server, BOB, 100)
+    with smtplib.SMTP("127.0.0.1", quota_server.ports["submission"], timeout=30) as c:
+        c.starttls(context=quota_server.tls.client_context())
+        c.login(ALICE, ALICE_PW)
+        c.mail(ALICE)  # no SIZE=: bob passes RCPT, the end of DATA finds him full
+        assert c.rcpt(ALICE)[0] == 250 and c.rcpt(BOB)[0] == 250
+        body = message("to us both", "q" * 400, to=BOB).replace(b"sender@remote.test", ALICE.encode())
+        assert c.data(body)[0] == 250
+    subjects = sorted(r[3] for r in quota_server.inbox(ALICE))
+    assert subjects == ["Undelivered Mail Returned to Sender", "to us both"]
+    assert quota_server.inbox(BOB) == []
+    dsn_uid = next(int(r[0]) for r in quota_server.inbox(ALICE) if r[3].startswith("Undelivered"))
+    dsn = quota_server.message(ALICE, dsn_uid).decode()
+    assert dsn.startswith("Return-Path: <>") and f"<{BOB}>: Mailbox full: over its storage quota" in dsn
+
+
 # ---- IMAP ----------------------------------------------------------------------------------------------------------
 
 

@@ -781,7 +781,9 @@ class ImapSession(asyncio.Protocol):
 
     async def _quota(self) -> None:
         """`* QUOTA "" (STORAGE used limit)` in KiB, rounded up (RFC 9208 §5.1); no resource when unlimited."""
-        state = (await self.services.store.quota_states([self.user]))[self.user.lower()]
+        state = (await self.services.store.quota_states([self.user])).get(self.user)
+        if state is None:  # the account was deleted during the session
+            raise StorageError(f"no such user {self.user}")
         limit = state.limit(self._default_quota())
         if not limit:
             await self.write(b'* QUOTA "" ()\r\n')
