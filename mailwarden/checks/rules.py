@@ -57,6 +57,7 @@ ATTACHMENT_RULES = (
 MAX_LINK_DOMAINS = 50  # linked domains compared with the protected ones
 MAX_ANCHORS = 500
 MAX_HTML_BYTES = 2 << 20
+MAX_SCAN_BYTES = 64 << 20  # an attachment decoded for inspection (the message size limit is smaller by default)
 
 # The defaults for the actions table (pipeline/inbound.py merges them in); attachment
 # rules take `content.attachment_action` unless inbound.actions says otherwise.
@@ -217,7 +218,7 @@ class RulesCheck:
                     _Hit("blocked_attachment", f"{label}: type {part.content_type} is blocked", part.index, label)
                 )
                 continue
-            data = part.payload(cfg.archive.max_size) or _head(part)
+            data = part.payload(MAX_SCAN_BYTES) or _head(part)
             for finding in att.inspect_content(label, data, cfg.archive):
                 hits.append(_Hit(finding.rule, f"{finding.name}: {finding.why}", part.index, label))
         return hits
