@@ -69,7 +69,10 @@ PE = b"MZ" + b"\0" * 58 + (64).to_bytes(4, "little") + b"PE\0\0" + b"\0" * 200
 def test_benign_message_fires_nothing() -> None:
     benign = message(
         html='<p>See <a href="https://www.sender.test/x">www.sender.test/x</a></p>',
-        attach=[("report.pdf", b"%PDF-1.7\n...", "application/pdf"), ("data.zip", zipped({"a.csv": b"1,2\n"}), "application/zip")],
+        attach=[
+            ("report.pdf", b"%PDF-1.7\n...", "application/pdf"),
+            ("data.zip", zipped({"a.csv": b"1,2\n"}), "application/zip"),
+        ],
         reply_to="Alice <alice@mail.sender.test>",
     )
     assert fired(benign) == {}
@@ -89,7 +92,9 @@ def test_lookalike_from_domain(author: str, why: str) -> None:
 
 
 def test_lookalike_in_a_link_and_real_domains_do_not_fire() -> None:
-    assert "link to paypai.com" in fired(message(html='<a href="https://paypai.com/login">log in</a>'))["lookalike_domain"]
+    assert (
+        "link to paypai.com" in fired(message(html='<a href="https://paypai.com/login">log in</a>'))["lookalike_domain"]
+    )
     assert fired(message("PayPal <service@paypal.com>", html='<a href="https://www.paypal.com/">x</a>')) == {}
     assert fired(message("Other <x@example.org>")) == {}  # different TLD, distance 3: not a typo
 
@@ -148,7 +153,9 @@ def test_executable_detected_by_content_with_a_harmless_name() -> None:
     ],
 )
 def test_executable_detected_by_name(name: str, why: str) -> None:
-    assert why in fired(message(attach=[(name, b"harmless bytes", "application/octet-stream")]))["executable_attachment"]
+    assert (
+        why in fired(message(attach=[(name, b"harmless bytes", "application/octet-stream")]))["executable_attachment"]
+    )
 
 
 def test_blocked_type_and_executable_inside_a_zip() -> None:
@@ -171,7 +178,10 @@ def _encrypted_zip() -> bytes:
 
 
 def test_encrypted_zip_detected() -> None:
-    assert "secret.docx is encrypted" in fired(message(attach=[("p.zip", _encrypted_zip(), "application/zip")]))["encrypted_archive"]
+    assert (
+        "secret.docx is encrypted"
+        in fired(message(attach=[("p.zip", _encrypted_zip(), "application/zip")]))["encrypted_archive"]
+    )
     assert "encrypted_archive" not in fired(message(attach=[("p.zip", zipped({"a.txt": b"x"}), "application/zip")]))
 
 
@@ -180,7 +190,10 @@ def test_zip_dash_p_archive_detected(tmp_path: Path) -> None:
     (tmp_path / "payroll.xlsx").write_bytes(b"figures" * 100)
     subprocess.run(["zip", "-q", "-P", "s3cret", "out.zip", "payroll.xlsx"], cwd=tmp_path, check=True)
     data = (tmp_path / "out.zip").read_bytes()
-    assert "payroll.xlsx is encrypted" in fired(message(attach=[("out.zip", data, "application/zip")]))["encrypted_archive"]
+    assert (
+        "payroll.xlsx is encrypted"
+        in fired(message(attach=[("out.zip", data, "application/zip")]))["encrypted_archive"]
+    )
 
 
 def test_encrypted_7z_and_rar_headers() -> None:
@@ -217,9 +230,9 @@ def test_zip_bomb_is_recognised_without_inflating_it() -> None:
 
 def test_lying_sizes_and_budget_bound_what_is_read() -> None:
     big = zipped({f"f{i}.bin": bytes([i]) * (600 << 10) for i in range(8)}, zipfile.ZIP_STORED)
-    small_budget = RulesCheck(
-        RulesConfig(archive=att.ArchivePolicy(max_size=2 << 20)), lambda: ()
-    ).evaluate(message(attach=[("big.zip", big, "application/zip")]), "inbound")
+    small_budget = RulesCheck(RulesConfig(archive=att.ArchivePolicy(max_size=2 << 20)), lambda: ()).evaluate(
+        message(attach=[("big.zip", big, "application/zip")]), "inbound"
+    )
     assert [r.result for r in small_budget] == ["archive_size"]
 
 
@@ -257,7 +270,9 @@ def test_attachment_actions_follow_the_policy_and_outbound_holds() -> None:
 
 
 def test_strip_replaces_the_part_with_a_notice_and_keeps_the_rest() -> None:
-    data = message(attach=[("run.exe", PE, "application/octet-stream"), ("ok.pdf", b"%PDF-1.4 fine", "application/pdf")])
+    data = message(
+        attach=[("run.exe", PE, "application/octet-stream"), ("ok.pdf", b"%PDF-1.4 fine", "application/pdf")]
+    )
     (hit,) = [r for r in CHECK.evaluate(data, "inbound") if r.result == "executable_attachment"]
     out, names = strip_parts(data, {i: "executable attachment" for i in hit.details["parts"]})
     assert names == ["run.exe"]
@@ -299,7 +314,7 @@ def test_walk_caps_parts_and_depth() -> None:
                     b"Content-Type: message/rfc822\r\n",
                     b"Content-Transfer-Encoding: base64\r\n",
                     b"Content-Disposition: attachment; filename*=utf-8''%e2%80%ae.exe\r\n",
-                    b"Content-Type: text/html; charset=\"x-unknown\"\r\n",
+                    b'Content-Type: text/html; charset="x-unknown"\r\n',
                     b"\r\n",
                     b"=?utf-8?q?=E2=80=AE?=\r\n",
                     b'Content-Type: application/zip; name="a.zip"\r\n\r\nUEsDBBQAAAAIAA==\r\n',

@@ -1623,26 +1623,6 @@ class SqlStore:
             lambda conn: conn.execute(delete(t.guard_lists).where(c.kind == kind, c.entry == entry)).rowcount > 0
         )
 
-
-class GuardBan(NamedTuple):
-    """A row of guard_bans."""
-
-    network: str
-    until: float
-    level: int
-    reason: str
-    events: int
-    created: float
-    active: bool
-
-    @property
-    def duration(self) -> int:
-        return round(self.until - self.created)
-
-
-def _guard_ban(r: Any) -> GuardBan:
-    return GuardBan(r.network, r.until, r.level, r.reason, r.events, r.created, bool(r.active))
-
     # ---- quarantine (pipeline/quarantine.py) --------------------------------
 
     @staticmethod
@@ -1733,3 +1713,23 @@ def _guard_ban(r: Any) -> GuardBan:
                 conn.execute(update(t.quarantine).where(t.quarantine.c.id.in_(ids[i : i + 500])).values(notified=1))
 
         await self._tx(work)
+
+
+class GuardBan(NamedTuple):
+    """A row of guard_bans."""
+
+    network: str
+    until: float
+    level: int
+    reason: str
+    events: int
+    created: float
+    active: bool
+
+    @property
+    def duration(self) -> int:
+        return round(self.until - self.created)
+
+
+def _guard_ban(r: Any) -> GuardBan:
+    return GuardBan(r.network, r.until, r.level, r.reason, r.events, r.created, bool(r.active))
