@@ -35,6 +35,7 @@ from mailwarden.outbound.signing import (
     signed_headers,
     split_message,
 )
+from mailwarden.storage.schema import SCHEMA_VERSION
 from mailwarden.storage.sql import SqlStore
 from tests.conftest import ALICE, ALICE_PW, BOB, DnsServer, RunningServer
 from tests.test_arc_seal import published
@@ -231,7 +232,7 @@ def test_schema_3_database_gains_retire_at_in_place(tmp_path: Path) -> None:
 
     assert asyncio.run(reopen()) == ["active", "active", "retiring", "retiring"]
     with sqlite3.connect(tmp_path / "db.sqlite") as db:
-        assert db.execute("SELECT version FROM schema_version").fetchone() == (4,)
+        assert db.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)
 
 
 # ---- OpenDKIM ---------------------------------------------------------------------
