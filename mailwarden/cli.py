@@ -577,10 +577,11 @@ def cmd_queue_release(args: argparse.Namespace) -> None:
     print(f"released {qid} ({n} recipient{'s' if n != 1 else ''})")
 
 
-async def _local_domains(paths: InstancePaths) -> list[str]:
+async def _local_domains(paths: InstancePaths) -> tuple[list[str], list[str]]:
+    """The hosted domains and the account addresses (for the lookalike and display-name rules)."""
     store = await open_store(paths)
     try:
-        return await store.list_domains()
+        return await store.list_domains(), await store.list_accounts()
     finally:
         await store.close()
 
@@ -611,8 +612,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     checks = inbound_checks(cfg)
     policy = checks.policy if checks else InboundPolicy(authserv_id=cfg.get("server.hostname"))
     if paths.database.exists():
-        domains = asyncio.run(_local_domains(paths))
-        policy = dataclasses.replace(policy, local_domains=frozenset(domains))
+        from mailwarden.pipeline.inbound import local_user_names
+
+        domains, accounts = asyncio.run(_local_domains(paths))
+        names = local_user_names(accounts, cfg.get("content.protected_names"))
+        policy = dataclasses.replace(policy, local_domains=frozenset(domains), local_names=names)
 
     async def run() -> Any:
         earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)

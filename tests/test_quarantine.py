@@ -197,3 +197,15 @@ def test_inspect_shows_rule_hits(tmp_path: Path, dns_server: DnsServer) -> None:
     assert code == 0, err
     assert "Verdict: reject" in out
     assert "rules  executable_attachment" in out and "content is a Windows PE executable" in out
+
+
+def test_inspect_names_display_name_spoof_of_a_local_user(instance: Any, tmp_path: Path, dns_server: DnsServer) -> None:
+    path = tmp_path / "spoof.eml"
+    path.write_bytes(
+        b"From: Alice <alice.boss@freemail.test>\r\nTo: bob@example.test\r\nSubject: urgent\r\n\r\npay now\r\n"
+    )
+    code, out, err = run_cli(
+        "--dir", str(instance.root), "inspect", str(path), "--ip", "192.0.2.1", "--helo", "mx.test"
+    )
+    assert code == 0, err
+    assert "rules display_name_spoof (+3)" in out and "is a local user's name" in out

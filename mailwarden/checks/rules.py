@@ -39,10 +39,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mailwarden.checks import attachments as att
-from mailwarden.checks.body_links import extract_domains
+from mailwarden.checks.body_links import MAX_PART_BYTES, _hosts, _part_text  # the URI scanner's text and host rules
 from mailwarden.checks.from_header import FromHeaderError, _header_fields, parse_author
 from mailwarden.checks.lookalike import LookalikeDetector
-from mailwarden.checks.mime_walk import Part, walk
+from mailwarden.checks.mime_walk import PARSE_ERRORS, Part, shared_walk
 from mailwarden.checks.offload import run_cpu_bound
 from mailwarden.checks.result import Action, CheckResult
 from mailwarden.dns.public_suffix import registrable_domain
@@ -134,7 +134,7 @@ class RulesCheck:
         """Every rule on one message; never raises on hostile input (each part is bounded)."""
         detector = detector or self.detector()
         hits: list[_Hit] = []
-        mime = walk(message)
+        mime = shared_walk(message)
         hits += self._header_rules(message, direction, detector)
         hits += self._link_rules(message, mime.parts, detector)
         hits += self._attachment_rules(mime.attachments())
@@ -178,7 +178,7 @@ class RulesCheck:
     def _link_rules(self, message: bytes, parts: list[Part], detector: LookalikeDetector) -> list[_Hit]:
         hits: list[_Hit] = []
         if detector.protected:
-            for domain in extract_domains(message, MAX_LINK_DOMAINS):
+            for domain in _linked_domains(parts):
                 found = detector.check(domain)
                 if found is not None:
                     hits.append(_Hit("lookalike_domain", f"link to {found.domain} {_imitation(found)}"))
@@ -258,6 +258,25 @@ class RulesCheck:
                 )
             )
         return results
+
+
+def _linked_domains(parts: list[Part]) -> list[str]:
+    """Registrable domains linked from the text parts of the walk (no second parse), at most MAX_LINK_DOMAINS."""
+    found: dict[str, None] = {}
+    for part in parts:
+        if part.message is None or part.is_attachment or not part.content_type.startswith("text/"):
+            continue
+        try:
+            text = _part_text(part.message, MAX_PART_BYTES)
+        except PARSE_ERRORS:
+            continue
+        for host in _hosts(text or ""):
+            domain = registrable_domain(host)
+            if domain is not None:
+                found[domain] = None
+                if len(found) >= MAX_LINK_DOMAINS:
+                    return list(found)
+    return list(found)
 
 
 def _imitation(found: Any) -> str:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mailwarden.checks.mime_walk import walk
+from mailwarden.checks.mime_walk import shared_walk
 from mailwarden.protocol.smtp_reply import SmtpReply
 
 MAX_PARTS = 200
@@ -120,7 +120,7 @@ def attachment_sizes(message: bytes) -> list[tuple[str, int]]:
     MIME cannot hide a large payload.
     """
     found: list[tuple[str, int]] = []
-    for part in walk(message, max_parts=MAX_PARTS).attachments():
+    for part in shared_walk(message, max_parts=MAX_PARTS).attachments():
         if part.unreadable:
             found.append(("(unreadable MIME)" if part.index == 0 else "(unreadable part)", len(message)))
         else:
