@@ -299,6 +299,7 @@ def test_walk_caps_parts_and_depth() -> None:
         deep += f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode()
     deep += b"\r\nx\r\n"
     assert walk(deep, max_depth=10).too_deep
+    assert attachment_sizes(deep)[0] == ("(MIME nested too deep)", len(deep))  # size limits see it whole
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

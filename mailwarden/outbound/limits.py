@@ -120,7 +120,10 @@ def attachment_sizes(message: bytes) -> list[tuple[str, int]]:
     MIME cannot hide a large payload.
     """
     found: list[tuple[str, int]] = []
-    for part in shared_walk(message, max_parts=MAX_PARTS).attachments():
+    mime = shared_walk(message, max_parts=MAX_PARTS)
+    if mime.too_deep:  # parts nested past the walk's depth are not seen: count them as the whole message
+        found.append(("(MIME nested too deep)", len(message)))
+    for part in mime.attachments():
         if part.unreadable:
             found.append(("(unreadable MIME)" if part.index == 0 else "(unreadable part)", len(message)))
         else:
