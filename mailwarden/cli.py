@@ -174,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(que, "hold", cmd_queue_hold, "hold a message: never sent until released").add_argument("queue_id")
     cmd(que, "release", cmd_queue_release, "release a held message for delivery now").add_argument("queue_id")
 
+    qua = sub.add_parser("quarantine", help="messages held by the content verdict").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    sp = cmd(qua, "list", cmd_quarantine_list, "list held messages")
+    sp.add_argument("--user", help="only those held for this account")
+    sp.add_argument("--all", action="store_true", help="released and deleted ones too")
+    cmd(qua, "show", cmd_quarantine_show, "show a held message and why it was held").add_argument("id", type=int)
+    cmd(qua, "release", cmd_quarantine_release, "deliver a held message to its recipients' INBOX").add_argument(
+        "id", type=int
+    )
+    cmd(qua, "delete", cmd_quarantine_delete, "delete a held message").add_argument("id", type=int)
+    cmd(
+        qua, "digest", cmd_quarantine_digest, "mail each user a summary of messages held for them since the last digest"
+    )
+
     ban = sub.add_parser("ban", help="automatic and manual bans (connection guard)").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
     )
@@ -652,10 +667,11 @@ def cmd_queue_release(args: argparse.Namespace) -> None:
     print(f"released {qid} ({n} recipient{'s' if n != 1 else ''})")
 
 
-async def _local_domains(paths: InstancePaths) -> list[str]:
+async def _local_domains(paths: InstancePaths) -> tuple[list[str], list[str]]:
+    """The hosted domains and the account addresses (for the lookalike and display-name rules)."""
     store = await open_store(paths)
     try:
-        return await store.list_domains()
+        return await store.list_domains(), await store.list_accounts()
     finally:
         await store.close()
 
@@ -686,8 +702,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     checks = inbound_checks(cfg)
     policy = checks.policy if checks else InboundPolicy(authserv_id=cfg.get("server.hostname"))
     if paths.database.exists():
-        domains = asyncio.run(_local_domains(paths))
-        policy = dataclasses.replace(policy, local_domains=frozenset(domains))
+        from mailwarden.pipeline.inbound import local_user_names
+
+        domains, accounts = asyncio.run(_local_domains(paths))
+        names = local_user_names(accounts, cfg.get("content.protected_names"))
+        policy = dataclasses.replace(policy, local_domains=frozenset(domains), local_names=names)
 
     async def run() -> Any:
         earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)
@@ -704,9 +723,116 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print("Checks:")
     for r in verdict.results:
         print(f"  {r.check:<6} {r.result:<10} {r.elapsed * 1000:7.1f} ms  {r.reason}")
+    for name in verdict.stripped:
+        print(f"Stripped attachment: {name}")
     if verdict.removed_forgeries:
         print(f"Removed {verdict.removed_forgeries} forged Authentication-Results claiming {policy.authserv_id}")
     print(verdict.header.decode("utf-8", "replace"), end="")
+
+
+# ---- the quarantine (pipeline/quarantine.py) ---------------------------------
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> None:
+    entries = _with_store(args, lambda s: s.list_quarantine(None if args.all else "held", args.user))
+    print("ID\tCREATED\tSTATE\tUSERS\tFROM\tSUBJECT\tREASON")
+    for e in entries:
+        print(
+            f"{e.id}\t{_fmt_time(e.created)}\t{e.state}\t{','.join(e.users) or '-'}\t{_one_line(e.from_addr)}"
+            f"\t{_one_line(e.subject)}\t{_one_line(e.reason)[:160]}"
+        )
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() and c != "\t" else " " for c in text)
+
+
+def cmd_quarantine_show(args: argparse.Namespace) -> None:
+    import json
+
+    async def fetch(store: SqlStore) -> tuple[Any, bytes]:
+        entry = await store.get_quarantine(args.id)
+        if entry is None:
+            return None, b""
+        return entry, await store.read_blob(entry.blob) if entry.state == "held" else b""
+
+    entry, data = _with_store(args, fetch)
+    if entry is None:
+        raise CliError(f"no quarantined message {args.id}")
+    print(f"ID: {entry.id}")
+    print(f"Queue-ID: {entry.queue_id}")
+    print(f"State: {entry.state}")
+    print(f"Created: {_fmt_time(entry.created)}")
+    print(f"Sender: <{entry.sender}>")
+    for rcpt, account in entry.local:
+        print(f"Recipient: <{rcpt}> account={account}")
+    for rcpt in entry.remote:
+        print(f"Recipient: <{rcpt}> (forward)")
+    print(f"Reason: {_one_line(entry.reason)}")
+    try:
+        verdict = json.loads(entry.verdict) if entry.verdict else {}
+    except ValueError:
+        verdict = {}
+    for check in verdict.get("checks", []):
+        if check.get("action") != "none" or check.get("score"):
+            print(f"Check: {check.get('check')}.{check.get('result')}: {_one_line(str(check.get('reason', '')))}")
+    print()
+    _write_bytes(data)
+
+
+def cmd_quarantine_release(args: argparse.Namespace) -> None:
+    from mailwarden.pipeline.quarantine import QuarantineError, release
+
+    async def work(store: SqlStore) -> Any:
+        try:
+            return await release(store, args.id)
+        except QuarantineError as exc:
+            raise CliError(str(exc)) from None
+
+    entry = _with_store(args, work)
+    if entry.remote:
+        _wake_queue_runner(args)
+    print(f"released {args.id} to {', '.join(entry.users) or '-'}")
+
+
+def cmd_quarantine_delete(args: argparse.Namespace) -> None:
+    from mailwarden.pipeline.quarantine import QuarantineError, delete
+
+    async def work(store: SqlStore) -> None:
+        try:
+            await delete(store, args.id)
+        except QuarantineError as exc:
+            raise CliError(str(exc)) from None
+
+    _with_store(args, work)
+    print(f"deleted {args.id}")
+
+
+def cmd_quarantine_digest(args: argparse.Namespace) -> None:
+    from mailwarden.pipeline.local_mail import deliver_local
+    from mailwarden.pipeline.quarantine import offline_mail, send_digests
+
+    paths = _paths(args)
+    cfg = _load_config(paths)
+
+    async def run() -> dict[str, int]:
+        store = await open_store(paths)
+        try:
+            async with offline_mail(cfg, paths.spool, store) as services:
+
+                async def deliver(user: str, message: bytes) -> bool:
+                    return await deliver_local(services, user, message, "quarantine_digest")
+
+                hostname = cfg.get("server.hostname")
+                sender = f"postmaster@{cfg.get('server.primary_domain') or hostname}"
+                return await send_digests(store, deliver, hostname, sender)
+        finally:
+            await store.close()
+
+    sent = asyncio.run(run())
+    for user, count in sorted(sent.items()):
+        print(f"{user}\t{count}")
+    print(f"digest sent to {len(sent)} user{'s' if len(sent) != 1 else ''}")
 
 
 # ---- the connection guard (security/guard.py, security/bans.py) -------------

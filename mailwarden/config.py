@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mailwarden.checks.attachments import BLOCKED_TYPES, EXECUTABLE_EXTENSIONS
+
 
 class ConfigError(Exception):
     """A config value is wrong; the message names the key and the problem."""
@@ -91,6 +93,11 @@ def _check_retry_schedule(key: str, value: Any) -> None:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, float)) or item < 1:
             raise ConfigError(key, f"delays are seconds >= 1, got {item!r}")
+
+
+def _check_hour(key: str, value: Any) -> None:
+    if value > 23:
+        raise ConfigError(key, f"an hour of the day is 0-23, got {value}")
 
 
 def _check_str_list(key: str, value: Any) -> None:
@@ -294,8 +301,10 @@ OPTIONS: tuple[Option, ...] = (
         "inbound.disabled_checks",
         list,
         [],
-        'Checks not to run, from "spf", "dkim", "arc", "dmarc", "dnsbl", "uribl". Every check runs by default.',
-        validator=lambda key, value: _check_choices(key, value, ("spf", "dkim", "arc", "dmarc", "dnsbl", "uribl")),
+        'Checks not to run, from "spf", "dkim", "arc", "dmarc", "dnsbl", "uribl", "rules". Every check runs by default.',
+        validator=lambda key, value: _check_choices(
+            key, value, ("spf", "dkim", "arc", "dmarc", "dnsbl", "uribl", "rules")
+        ),
     ),
     Option(
         "inbound.actions",
@@ -691,6 +700,71 @@ OPTIONS: tuple[Option, ...] = (
         minimum=1,
     ),
     Option("log.level", str, "info", "Log level.", choices=("debug", "info", "warning", "error")),
+    # ---- content rules, attachment policy, quarantine (checks/rules.py, pipeline/quarantine.py) ----
+    Option(
+        "content.brand_domains",
+        list,
+        [],
+        "Domains besides the hosted ones that lookalike domains must not imitate (e.g. your bank, your other brands).",
+        validator=_check_str_list,
+    ),
+    Option(
+        "content.protected_names",
+        list,
+        [],
+        'Display names outside mail must not use (e.g. "Jane Doe" for your CEO); local users\' names are protected anyway.',
+        validator=_check_str_list,
+    ),
+    Option(
+        "content.blocked_extensions",
+        list,
+        list(EXECUTABLE_EXTENSIONS),
+        "Attachment (and archive member) extensions treated as executable: rules.executable_attachment.",
+        validator=_check_str_list,
+    ),
+    Option(
+        "content.blocked_types",
+        list,
+        list(BLOCKED_TYPES),
+        "Declared attachment MIME types that are blocked: rules.blocked_attachment.",
+        validator=_check_str_list,
+    ),
+    Option(
+        "content.max_archive_depth",
+        int,
+        3,
+        "Archives nested deeper than this (an archive in an archive ...) fire rules.archive_depth.",
+        minimum=1,
+    ),
+    Option(
+        "content.max_archive_size",
+        int,
+        104_857_600,
+        "Uncompressed bytes the archives of one message may declare or inflate to before rules.archive_size fires (zip bombs).",
+        minimum=1_048_576,
+    ),
+    Option(
+        "content.attachment_action",
+        str,
+        "reject",
+        "What the attachment rules do: reject (550), quarantine (held for an administrator), or strip (remove the parts, add a notice, deliver the rest).",
+        choices=("reject", "quarantine", "strip"),
+    ),
+    Option(
+        "quarantine.digest",
+        str,
+        "off",
+        "Mail each user a daily summary of the messages quarantined for them.",
+        choices=("off", "daily"),
+    ),
+    Option(
+        "quarantine.digest_hour",
+        int,
+        8,
+        "Hour of the day (UTC, 0-23) the daily digest is sent.",
+        minimum=0,
+        validator=lambda key, value: _check_hour(key, value),
+    ),
 )
 
 _BY_KEY = {o.key: o for o in OPTIONS}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mailwarden.checks.dnsbl import parse_zones
+from mailwarden.checks.rules import RulesConfig, rule_actions
 from mailwarden.config import Config
 from mailwarden.dns import Resolver, resolver_from_config
 from mailwarden.dns.public_suffix import public_suffix_list
@@ -34,7 +35,8 @@ from mailwarden.outbound.queue_runner import QueueRunner, QueueSettings
 from mailwarden.outbound.quotas import Quotas
 from mailwarden.outbound.transports import TransportUnavailable, transport_from_config
 from mailwarden.pipeline.filing import Filer
-from mailwarden.pipeline.inbound import DEFAULT_ACTIONS, InboundPolicy
+from mailwarden.pipeline.inbound import DEFAULT_ACTIONS, InboundPolicy, inbound_content_stage, local_user_names
+from mailwarden.pipeline.quarantine import digest_periodically
 from mailwarden.security.guard import Guard, guard_from_config
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
@@ -165,6 +167,7 @@ def inbound_checks(config: Config, resolver: Resolver | None = None) -> InboundC
     if not config.get("inbound.checks"):
         return None
     actions = dict(DEFAULT_ACTIONS)
+    actions.update(rule_actions(config.get("content.attachment_action")))
     actions.update(config.get("inbound.actions"))
     policy = InboundPolicy(
         authserv_id=config.get("server.hostname"),
@@ -175,9 +178,16 @@ def inbound_checks(config: Config, resolver: Resolver | None = None) -> InboundC
         zones=tuple(parse_zones(config.get("dnsbl.zones"))),
         max_body_lookups=config.get("dnsbl.max_body_lookups"),
         disabled=frozenset(config.get("inbound.disabled_checks")),
+        local_names=local_user_names((), config.get("content.protected_names")),
+        rules=RulesConfig.from_config(config, {k: v for k, v in actions.items() if k.startswith("rules.")}),
     )
     trusted = tuple(ipaddress.ip_network(n, strict=False) for n in config.get("inbound.trusted_networks"))
-    return InboundChecks(resolver or resolver_from_config(config), policy, trusted)
+    return InboundChecks(
+        resolver or resolver_from_config(config),
+        policy,
+        trusted,
+        protected_names=tuple(config.get("content.protected_names")),
+    )
 
 
 @dataclass
@@ -197,6 +207,7 @@ class Server:
     bound: dict[str, tuple[str, int]] = field(default_factory=dict)
     _queue_gauge_at: float = field(default=float("-inf"), init=False)
     _housekeeping: asyncio.Task[None] | None = field(default=None, init=False)
+    _digest: asyncio.Task[None] | None = field(default=None, init=False)  # quarantine.digest = daily
     _queue_gauge_pending: bool = field(default=False, init=False)
     queue_runner: QueueRunner | None = field(default=None, init=False)
     transport: Any = field(default=None, init=False)  # outbound/transports.py
@@ -221,6 +232,11 @@ class Server:
             self._housekeeping = asyncio.create_task(retire_periodically(self.store), name="dkim-retire")
         inbound = inbound_checks(cfg, self.resolver)  # one resolver (and cache) for checks and delivery
         if inbound is not None:
+            # The content rules compare against the hosted domains of the live directory.
+            store = self.store
+            inbound.content = inbound_content_stage(
+                inbound.policy, self.resolver, hosted=lambda: store.directory().domains
+            )
             # Build the public suffix list now, not in the first session that needs it.
             await asyncio.to_thread(public_suffix_list)
         services = SmtpServices(
@@ -238,6 +254,13 @@ class Server:
             guard=CompromiseGuard(HoldPolicy.from_config(cfg), self.store),
             conn_guard=await self._start_guard(),
         )
+        if self.worker == 0 and cfg.get("quarantine.digest") == "daily":
+            self._digest = asyncio.create_task(
+                digest_periodically(
+                    services, self.store, cfg.get("server.hostname"), cfg.get("quarantine.digest_hour")
+                ),
+                name="quarantine-digest",
+            )
         self.imap_hub = MailboxHub()
         self.imap = imap = ImapServices(
             cfg,
@@ -377,6 +400,8 @@ class Server:
             await server.wait_closed()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self._digest is not None:
+            self._digest.cancel()
         if getattr(self, "conn_guard", None) is not None:
             await self.conn_guard.stop()
         await self.filer.drained()

@@ -22,6 +22,7 @@ import binascii
 import dataclasses
 import functools
 import ipaddress
+import json
 import logging
 import random
 import re
@@ -52,6 +53,7 @@ from mailwarden.pipeline.inbound import (
     evaluate_message,
     evaluate_reputation,
     inbound_content_stage,
+    local_user_names,
 )
 from mailwarden.pipeline.local_mail import deliver_local
 from mailwarden.pipeline.mailbox_quota import DataDecision, data_check, declared_size, dsn_message, rcpt_check
@@ -110,6 +112,7 @@ class InboundChecks:
     policy: InboundPolicy
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     content: ContentStage | None = None  # the content checks, shared with outbound mail
+    protected_names: tuple[str, ...] = ()  # content.protected_names (display names outside mail must not use)
 
     def __post_init__(self) -> None:
         if self.content is None:
@@ -121,6 +124,9 @@ class InboundChecks:
         except ValueError:
             return True
         return not any(addr in net for net in self.trusted)
+
+
+_LOCAL_NAMES: dict[str, tuple[Any, frozenset[str]]] = {}  # the last directory snapshot and its names
 
 
 class _Hooks:
@@ -212,6 +218,7 @@ class SmtpSession(SMTP):
         self.ip_reputation: CheckResult | None = None  # the client IP's block list result, once per session
         self.early_results: list[CheckResult] | None = None  # block list results of this transaction
         self._dmarc_report: dict[str, Any] | None = None  # this message's DMARC data, if its domain wants reports
+        self._quarantine: dict[str, str] | None = None  # this message's verdict is quarantine (pipeline/quarantine.py)
         self._closing = False
         self._admitted = False  # the connection guard counted this connection (release it at the end)
         self._flagged = False  # already counted as an event (early talker): not a silent scanner too
@@ -793,6 +800,9 @@ class SmtpSession(SMTP):
         if self._dmarc_report is not None:
             envelope["dmarc"] = self._dmarc_report
             self._dmarc_report = None
+        if self._quarantine is not None:
+            envelope["quarantine"] = self._quarantine  # filed into the quarantine table, in no mailbox
+            self._quarantine = None
         try:
             await self.services.spool.append(qid, envelope, data)
         except SpoolWriteError as exc:
@@ -869,7 +879,9 @@ class SmtpSession(SMTP):
         env = self.envelope
         assert env is not None
         policy = dataclasses.replace(
-            inbound.policy, local_domains=frozenset(await self.services.accounts.list_domains())
+            inbound.policy,
+            local_domains=frozenset(await self.services.accounts.list_domains()),
+            local_names=await self._local_names(inbound),
         )
         verdict, checked = await evaluate_message(
             message,
@@ -902,9 +914,29 @@ class SmtpSession(SMTP):
                 )
             raise reply
         self._dmarc_report = report  # filed with the message, for aggregate reports
-        # Quarantine is held in Junk until the quarantine store lands.
-        folder = "Junk" if verdict.action in (Action.JUNK, Action.QUARANTINE) else "INBOX"
+        if verdict.stripped:
+            log_event("attachment_stripped", sid=self.sid, ip=self.ip, names=clean_text(", ".join(verdict.stripped)))
+        if verdict.action is Action.QUARANTINE:
+            self._quarantine = {
+                "reason": "; ".join(verdict.reasons[:3]) or "quarantine",
+                "verdict": json.dumps(verdict.as_dict())[:16000],
+            }
+            log_event("quarantined", sid=self.sid, ip=self.ip, sender=clean_text(sender))
+            return checked, "INBOX"
+        folder = "Junk" if verdict.action is Action.JUNK else "INBOX"
         return checked, folder
+
+    async def _local_names(self, inbound: InboundChecks) -> frozenset[str]:
+        """Our users' names for the display-name rule, rebuilt only when the directory changes."""
+        accounts = self.services.accounts
+        directory = accounts.directory() if hasattr(accounts, "directory") else None
+        if directory is None:
+            return inbound.policy.local_names
+        cached = _LOCAL_NAMES.get("names")
+        if cached is None or cached[0] is not directory:
+            names = local_user_names(directory.accounts, inbound.protected_names)
+            cached = _LOCAL_NAMES["names"] = (directory, names)
+        return cached[1]
 
     # ---- AUTH --------------------------------------------------------------
 

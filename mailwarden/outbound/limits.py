@@ -16,33 +16,19 @@ listener (unauthenticated mail) uses the global values.
 Attachment sizes are the *decoded* sizes, estimated from the encoded part
 (base64 is 4/3 of the data, quoted-printable at most 3x): a limit is about what
 the user attached, not about transfer encoding. The MIME walk is bounded like
-the URI scanner's (checks/body_links.py): at most `MAX_PARTS` parts.
+the URI scanner's: one walk in checks/mime_walk.py, at most `MAX_PARTS` parts.
 """
 
 from __future__ import annotations
 
-import email
-import email.errors
-import email.policy
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from mailwarden.checks.mime_walk import shared_walk
 from mailwarden.protocol.smtp_reply import SmtpReply
 
 MAX_PARTS = 200
-
-_PARSE_ERRORS = (
-    IndexError,
-    KeyError,
-    LookupError,
-    ValueError,
-    TypeError,
-    AttributeError,
-    AssertionError,
-    RecursionError,
-    email.errors.MessageError,
-)
 
 
 @dataclass(frozen=True)
@@ -126,43 +112,22 @@ def check_content(message: bytes, limits: SendLimits) -> None:
 
 
 def attachment_sizes(message: bytes) -> list[tuple[str, int]]:
-    """(display name, estimated decoded size) of each attachment-like part, at most MAX_PARTS parts.
+    """(display name, estimated decoded size) of each attachment-like part, from the one bounded MIME walk.
 
     An attachment is a leaf part with a filename or Content-Disposition
-    attachment, or any non-text leaf part. A part the parser cannot read is
-    counted by its raw size, so malformed MIME cannot hide a large payload.
+    attachment, or any non-text leaf part (checks/mime_walk.py). A part the
+    parser cannot read is counted at the whole message's size, so malformed
+    MIME cannot hide a large payload.
     """
-    try:
-        msg = email.message_from_bytes(message, policy=email.policy.compat32)
-        parts = msg.walk()
-    except _PARSE_ERRORS:
-        return [("(unreadable MIME)", len(message))]
     found: list[tuple[str, int]] = []
-    for n in range(MAX_PARTS):
-        try:
-            part = next(parts)
-        except StopIteration:
-            break
-        except _PARSE_ERRORS:
-            found.append(("(unreadable MIME)", len(message)))
-            break
-        try:
-            if part.is_multipart():
-                continue
-            filename = part.get_filename()
-            disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
-            if not filename and disposition != "attachment" and part.get_content_maintype() in ("text", "message"):
-                continue
-            if n == 0 and not filename and disposition != "attachment":
-                continue  # a single-part non-MIME body is the message, not an attachment
-            raw = part.get_payload(decode=False)
-            size = len(raw) if isinstance(raw, str) else 0
-            encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
-            if encoding == "base64":
-                size = size * 3 // 4
-            found.append((_printable(filename or part.get_content_type()), size))
-        except _PARSE_ERRORS:
-            found.append(("(unreadable part)", len(message)))
+    mime = shared_walk(message, max_parts=MAX_PARTS)
+    if mime.too_deep:  # parts nested past the walk's depth are not seen: count them as the whole message
+        found.append(("(MIME nested too deep)", len(message)))
+    for part in mime.attachments():
+        if part.unreadable:
+            found.append(("(unreadable MIME)" if part.index == 0 else "(unreadable part)", len(message)))
+        else:
+            found.append((_printable(part.filename or part.content_type), part.decoded_size_estimate))
     return found
 
 

@@ -1,6 +1,7 @@
 """The content stage: checks that read the message itself, run on inbound and outbound mail alike.
 
-Today it holds the URI block list check (the domains the body links to).
+It holds the URI block list check (the domains the body links to) and the
+content rules (checks/rules.py: lookalikes, link text, attachments).
 The spam classifier, attachment rules and milters (the content-filtering
 issue) join it as more `ContentCheck`s, and then run in both directions
 without any change to the SMTP or delivery code:
@@ -26,8 +27,11 @@ from mailwarden.dns.resolver import Resolver
 class ContentCheck(Protocol):
     name: str  # as in inbound.disabled_checks and the verdict's "<check>=<result>"
 
-    async def check(self, message: bytes, direction: str) -> CheckResult:
-        """`direction` is "inbound" or "outbound"; a check may treat them differently."""
+    async def check(self, message: bytes, direction: str) -> CheckResult | Sequence[CheckResult]:
+        """`direction` is "inbound" or "outbound"; a check may treat them differently.
+
+        A check with several named findings (checks/rules.py) returns one result per finding.
+        """
         ...
 
 
@@ -48,8 +52,15 @@ class ContentStage:
         self.checks = tuple(checks)
 
     async def run(self, message: bytes, direction: str, disabled: frozenset[str] = frozenset()) -> list[CheckResult]:
-        """Every enabled check's result, concurrently, in the order the checks were given."""
-        return await eager.gather(*(c.check(message, direction) for c in self.checks if c.name not in disabled))
+        """Every enabled check's results, concurrently, in the order the checks were given (lists flattened)."""
+        found = await eager.gather(*(c.check(message, direction) for c in self.checks if c.name not in disabled))
+        results: list[CheckResult] = []
+        for r in found:
+            if isinstance(r, CheckResult):
+                results.append(r)
+            else:
+                results.extend(r)
+        return results
 
 
 def outbound_hold_reason(results: Sequence[CheckResult], junk_score: float) -> str:

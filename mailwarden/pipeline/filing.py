@@ -13,7 +13,7 @@ import logging
 from mailwarden.logs import log_event
 from mailwarden.pipeline.headers import return_path
 from mailwarden.pipeline.reports import dmarc_record
-from mailwarden.storage.interfaces import Delivery, DeliveryBatch, LocalDelivery, RemoteDelivery
+from mailwarden.storage.interfaces import Delivery, DeliveryBatch, LocalDelivery, QuarantineItem, RemoteDelivery
 from mailwarden.storage.spool import Spool, SpoolRecord
 
 _BATCH = 256
@@ -24,6 +24,22 @@ def batch_for(records: list[SpoolRecord]) -> DeliveryBatch:
     for rec in records:
         env = rec.envelope
         sender = env.get("sender", "")
+        if env.get("dmarc"):
+            batch.dmarc.append(
+                dmarc_record(rec.queue_id, float(env.get("time", 0.0)), str(env.get("ip", "")), env["dmarc"])
+            )
+        held = env.get("quarantine")
+        if held:  # the verdict quarantined it: no mailbox, no queue, until released (pipeline/quarantine.py)
+            item = QuarantineItem(
+                rec.queue_id,
+                sender,
+                tuple((str(rcpt), str(account)) for rcpt, account, *_ in env.get("local", [])),
+                tuple(env.get("remote", [])),
+                str(held.get("reason", "")),
+                str(held.get("verdict", "")),
+            )
+            batch.quarantine.append((item, rec.body))
+            continue
         if env.get("local"):
             local_body = return_path(sender) + rec.body
             for rcpt, account, *folder in env["local"]:
@@ -37,10 +53,6 @@ def batch_for(records: list[SpoolRecord]) -> DeliveryBatch:
                     RemoteDelivery(rec.queue_id, sender, rcpt, env.get("user") or "", env.get("hold") or ""),
                     remote_body,
                 )
-            )
-        if env.get("dmarc"):
-            batch.dmarc.append(
-                dmarc_record(rec.queue_id, float(env.get("time", 0.0)), str(env.get("ip", "")), env["dmarc"])
             )
     return batch
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +25,13 @@ from mailwarden.checks.dmarc import DkimIdentity, SpfIdentity, evaluate_dmarc
 from mailwarden.checks.dnsbl import DnsblZone, check_domain, check_ip
 from mailwarden.checks.from_header import FromHeaderError, parse_author
 from mailwarden.checks.result import Action, CheckResult
+from mailwarden.checks.rules import ATTACHMENT_RULES, RulesCheck, RulesConfig, rule_actions
 from mailwarden.checks.spf import evaluate_spf
 from mailwarden.dns import eager
 from mailwarden.dns.resolver import Resolver
 from mailwarden.pipeline.auth_results import render_auth_results, strip_claimed_auth_results
 from mailwarden.pipeline.content import ContentStage, UriblCheck
+from mailwarden.pipeline.strip import strip_parts
 from mailwarden.protocol.smtp_reply import SmtpReply
 
 # What each result means unless the administrator says otherwise: an action
@@ -48,6 +50,7 @@ DEFAULT_ACTIONS: dict[str, str | float] = {
     "dkim.fail": 1.0,
     "dkim.policy": 0.5,
     "arc.fail": 1.0,
+    **rule_actions("reject"),  # the content rules (checks/rules.py); server.py applies content.attachment_action
 }
 
 
@@ -69,7 +72,11 @@ class InboundPolicy:
     local_domains: frozenset[str] = frozenset()  # our hosted domains, for impersonation checks
     zones: tuple[DnsblZone, ...] = ()  # domain zones are asked about the links in the body
     max_body_lookups: int = 20
-    disabled: frozenset[str] = frozenset()  # checks not to run: "spf", "dkim", "arc", "dmarc", "uribl", "dnsbl"
+    disabled: frozenset[str] = (
+        frozenset()
+    )  # checks not to run: "spf", "dkim", "arc", "dmarc", "uribl", "dnsbl", "rules"
+    local_names: frozenset[str] = frozenset()  # normalised names of local users and content.protected_names
+    rules: RulesConfig | None = None  # None: the built-in defaults (checks/rules.py)
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Verdict:
     header: bytes  # our Authentication-Results field, CRLF-terminated
     removed_forgeries: int = 0
     elapsed: float = 0.0
+    stripped: list[str] = field(default_factory=list)  # attachments removed (content.attachment_action = strip)
 
     def smtp_reply(self) -> SmtpReply | None:
         """The refusal to send after DATA, or None to accept."""
@@ -99,6 +107,7 @@ class Verdict:
             "authentication_results": self.header.decode("utf-8", "replace").rstrip("\r\n"),
             "removed_forged_auth_results": self.removed_forgeries,
             "elapsed_ms": round(self.elapsed * 1000, 1),
+            "stripped": self.stripped,
             "checks": [
                 {
                     "check": r.check,
@@ -136,8 +145,10 @@ async def evaluate_message(
         author = None
         results.append(CheckResult(check="from", result="invalid", reason=f"From header: {exc.reason}"))
     else:
-        impersonation = display_name_impersonation(author.display_name, author.domain, policy.local_domains)
-        if impersonation is not None:
+        impersonation = display_name_impersonation(
+            author.display_name, author.domain, policy.local_domains, policy.local_names
+        )
+        if impersonation is not None and not (impersonation.check == "rules" and "rules" in policy.disabled):
             results.append(impersonation)
     off = policy.disabled
     if content is None:
@@ -169,22 +180,97 @@ async def evaluate_message(
         results.append(dmarc)
     verdict = merge(results, policy)
     verdict.removed_forgeries = removed
+    cleaned = _strip_attachments(cleaned, verdict, policy)
     verdict.elapsed = time.monotonic() - started
     return verdict, verdict.header + cleaned
+
+
+def _strip_attachments(message: bytes, verdict: Verdict, policy: InboundPolicy) -> bytes:
+    """strip-and-notify: remove the parts the attachment rules named, when the verdict still delivers.
+
+    A message the rules flagged but whose parts cannot be removed (unreadable
+    MIME, or the finding is not tied to one part) is quarantined instead: it
+    must not reach the mailbox with the attachment in it.
+    """
+    rules = policy.rules or RulesConfig()
+    if rules.attachment_action != "strip" or verdict.action.severity >= Action.QUARANTINE.severity:
+        return message
+    hits = [r for r in verdict.results if r.check == "rules" and r.result in ATTACHMENT_RULES]
+    if not hits:
+        return message
+    reasons: dict[int, str] = {}
+    for r in hits:
+        for index in r.details.get("parts", ()):
+            reasons.setdefault(index, f"{r.result.replace('_', ' ')}: {r.reason}")
+    stripped, names = strip_parts(message, reasons) if reasons else (message, [])
+    if not names or any(not r.details.get("parts") for r in hits):
+        verdict.action = Action.QUARANTINE
+        verdict.reasons.append("attachments could not be stripped: quarantined")
+        return message
+    verdict.stripped = names
+    verdict.reasons.append("stripped attachments: " + ", ".join(names))
+    return stripped
 
 
 _ADDRESS_IN_NAME = re.compile(r"[A-Za-z0-9._%+-]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
 
 
+_ROLE_NAMES = frozenset(
+    [
+        "info",
+        "admin",
+        "support",
+        "sales",
+        "contact",
+        "mail",
+        "office",
+        "team",
+        "hello",
+        "noreply",
+        "no-reply",
+        "postmaster",
+        "abuse",
+        "webmaster",
+        "billing",
+    ]
+)
+
+
+def normalise_name(name: str) -> str:
+    """A display name or local part as letters and digits only, lower-case: "John.Smith" == "john smith"."""
+    return "".join(c for c in name.casefold() if c.isalnum())
+
+
+def local_user_names(addresses: Iterable[str], extra: Iterable[str] = ()) -> frozenset[str]:
+    """The names outside mail must not wear: local parts of our accounts (not role names, not too short)
+    and the configured `content.protected_names`."""
+    names = set()
+    for address in addresses:
+        local = address.rpartition("@")[0]
+        if local.lower() in _ROLE_NAMES:
+            continue
+        n = normalise_name(local)
+        if len(n) >= 5:
+            names.add(n)
+    names.update(n for n in (normalise_name(e) for e in extra) if n)
+    return frozenset(names)
+
+
 def display_name_impersonation(
-    display_name: str, author_domain: str, local_domains: frozenset[str]
+    display_name: str,
+    author_domain: str,
+    local_domains: frozenset[str],
+    local_names: frozenset[str] = frozenset(),
 ) -> CheckResult | None:
     """`"ceo@ourdomain" <x@attacker>`: DMARC checks the real address, so this is caught here.
 
     An address of one of our own domains in the display name of mail from
     elsewhere is impersonation (reject by default); any other foreign
     address there is only suspicious (a score), since mailing lists write
-    "alice@example.org via List".
+    "alice@example.org via List". A display name that is one of our users'
+    names, or names one of our domains, on mail from outside our domains is
+    `rules.display_name_spoof` (a score: the user may write from a private
+    address too).
     """
     for match in _ADDRESS_IN_NAME.finditer(display_name):
         shown = match.group(1).lower()
@@ -201,12 +287,41 @@ def display_name_impersonation(
             result="lookalike",
             reason=f"display name shows {match.group(0)} but the address is in {author_domain}",
         )
+    if author_domain in local_domains or not display_name:
+        return None
+    lowered = display_name.lower()
+    for domain in local_domains:
+        if re.search(rf"(?<![a-z0-9.-]){re.escape(domain)}(?![a-z0-9-])", lowered):
+            return CheckResult(
+                check="rules",
+                result="display_name_spoof",
+                reason=f"display name {display_name[:80]!r} names our domain {domain}, sent from {author_domain}",
+            )
+    name = normalise_name(display_name)
+    if name and name in local_names:
+        return CheckResult(
+            check="rules",
+            result="display_name_spoof",
+            reason=f"display name {display_name[:80]!r} is a local user's name, sent from {author_domain}",
+        )
     return None
 
 
-def inbound_content_stage(policy: InboundPolicy, resolver: Resolver) -> ContentStage:
-    """The content checks for this policy (the same stage serves outbound mail; pipeline/content.py)."""
-    return ContentStage([UriblCheck(policy.zones, resolver, policy.max_body_lookups)])
+def inbound_content_stage(
+    policy: InboundPolicy, resolver: Resolver, hosted: Callable[[], Iterable[str]] | None = None
+) -> ContentStage:
+    """The content checks for this policy (the same stage serves outbound mail; pipeline/content.py).
+
+    `hosted` gives the current hosted domains (the server passes the live
+    directory); by default the policy's `local_domains`.
+    """
+    rules = policy.rules or RulesConfig(actions={k: v for k, v in policy.actions.items() if k.startswith("rules.")})
+    return ContentStage(
+        [
+            UriblCheck(policy.zones, resolver, policy.max_body_lookups),
+            RulesCheck(rules, hosted or (lambda: policy.local_domains)),
+        ]
+    )
 
 
 async def _maybe(name: str, disabled: frozenset[str], work: Awaitable[CheckResult]) -> CheckResult:

@@ -174,6 +174,48 @@ class DeliveryBatch:
     local: list[tuple[LocalDelivery, bytes]] = field(default_factory=list)
     remote: list[tuple[RemoteDelivery, bytes]] = field(default_factory=list)
     dmarc: list[DmarcRecord] = field(default_factory=list)
+    quarantine: list[tuple[QuarantineItem, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class QuarantineItem:
+    """A message the verdict held (Action.QUARANTINE): filed into `quarantine`, not into any mailbox."""
+
+    queue_id: str
+    sender: str
+    local: tuple[tuple[str, str], ...]  # (envelope recipient, account)
+    remote: tuple[str, ...]  # forwarding targets, queued only on release
+    reason: str
+    verdict: str = ""  # JSON: the verdict's explanation (Verdict.as_dict)
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    id: int
+    queue_id: str
+    sender: str
+    users: tuple[str, ...]  # the local accounts it was for
+    local: tuple[tuple[str, str], ...]
+    remote: tuple[str, ...]
+    from_addr: str
+    subject: str
+    reason: str
+    verdict: str
+    size: int
+    blob: str
+    created: float
+    state: str  # held, released, deleted
+    notified: bool
+
+
+class Quarantine(Protocol):
+    """The quarantine store (pipeline/quarantine.py); held messages are filed by `Delivery.deliver`."""
+
+    async def list_quarantine(self, state: str | None = "held", user: str | None = None) -> list[QuarantineEntry]: ...
+    async def get_quarantine(self, entry_id: int) -> QuarantineEntry | None: ...
+    async def release_quarantined(self, entry_id: int, batch: DeliveryBatch) -> bool: ...
+    async def delete_quarantined(self, entry_id: int) -> bool: ...
+    async def mark_quarantine_notified(self, ids: list[int]) -> None: ...
 
 
 @dataclass(frozen=True)

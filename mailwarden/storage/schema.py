@@ -16,8 +16,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 5  # 2: blob_data (small bodies in the database); 3: dkim_keys; 4: dkim_keys.retire_at;
-# 5: storage quotas (domains.quota_bytes, accounts.quota_bytes and accounts.used_bytes, recounted on upgrade)
+SCHEMA_VERSION = 6  # 2: blob_data (small bodies in the database); 3: dkim_keys; 4: dkim_keys.retire_at;
+# 5: storage quotas (domains.quota_bytes, accounts.quota_bytes and accounts.used_bytes, recounted on upgrade);
+# 6: quarantine
 
 metadata = MetaData()
 
@@ -277,4 +278,27 @@ guard_lists = Table(
     Column("kind", String(8), primary_key=True),  # "allow" or "deny"
     Column("entry", String(80), primary_key=True),
     Column("created", Float, nullable=False),
+)
+
+
+# Messages the verdict quarantined (pipeline/quarantine.py): held here, in no mailbox,
+# until released (filed into INBOX) or deleted. One row per accepted message.
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("queue_id", String(32), nullable=False, unique=True),  # the idempotency key of a spool replay
+    Column("sender", String(320), nullable=False),
+    Column("users", Text, nullable=False),  # the local accounts, space-separated
+    Column("recipients", Text, nullable=False),  # JSON {"local": [[rcpt, account]], "remote": [...]}
+    Column("from_addr", Text, nullable=False, default=""),
+    Column("subject", Text, nullable=False, default=""),
+    Column("reason", Text, nullable=False),
+    Column("verdict", Text, nullable=False, default=""),  # JSON, the verdict's explanation
+    Column("size", Integer, nullable=False),
+    Column("blob", Text, nullable=False),
+    Column("created", Float, nullable=False, index=True),
+    Column("state", String(16), nullable=False, default="held"),  # held, released, deleted
+    Column("notified", Integer, nullable=False, default=0),  # in a digest already
+    Column("decided", Float),  # when it was released or deleted
 )

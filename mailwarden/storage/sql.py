@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.header
+import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from mailwarden.storage.interfaces import (
     DmarcRecord,
     MailboxInfo,
     MessageInfo,
+    QuarantineEntry,
     QueueEntry,
     QueueFiling,
     QueueUpdate,
@@ -1192,9 +1194,52 @@ class SqlStore:
                 )
             if rows:
                 conn.execute(insert(t.queue), rows)
+        if batch.quarantine:
+            self._file_quarantine(conn, batch, now, inline)
         if inline:
             conn.execute(insert(t.blob_data), inline)
         self._insert_dmarc(conn, batch.dmarc)
+
+    def _file_quarantine(
+        self, conn: Connection, batch: DeliveryBatch, now: float, inline: list[dict[str, Any]]
+    ) -> None:
+        """One `quarantine` row per queue id (a spool replay adds nothing, but rewrites a body file)."""
+        known = {
+            r.queue_id: r.blob
+            for r in conn.execute(
+                select(t.quarantine.c.queue_id, t.quarantine.c.blob).where(
+                    t.quarantine.c.queue_id.in_({item.queue_id for item, _ in batch.quarantine})
+                )
+            )
+        }
+        rows = []
+        for item, data in batch.quarantine:
+            if item.queue_id in known:
+                if not is_inline(known[item.queue_id]):
+                    self.blobs.write(known[item.queue_id], data)
+                continue
+            from_, subject, _date = header_summary(data)
+            blob = self._stage_blob(f"quarantine/{item.queue_id}.eml", data, inline)
+            known[item.queue_id] = blob
+            rows.append(
+                {
+                    "queue_id": item.queue_id,
+                    "sender": item.sender,
+                    "users": " ".join(dict.fromkeys(account for _rcpt, account in item.local)),
+                    "recipients": json.dumps({"local": [list(x) for x in item.local], "remote": list(item.remote)}),
+                    "from_addr": from_,
+                    "subject": subject,
+                    "reason": item.reason[:2000],
+                    "verdict": item.verdict[:16000],
+                    "size": len(data),
+                    "blob": blob,
+                    "created": now,
+                    "state": "held",
+                    "notified": 0,
+                }
+            )
+        if rows:
+            conn.execute(insert(t.quarantine), rows)
 
     @staticmethod
     def _insert_dmarc(conn: Connection, records: list[DmarcRecord]) -> None:
@@ -1743,6 +1788,97 @@ class SqlStore:
         return await self._tx(
             lambda conn: conn.execute(delete(t.guard_lists).where(c.kind == kind, c.entry == entry)).rowcount > 0
         )
+
+    # ---- quarantine (pipeline/quarantine.py) --------------------------------
+
+    @staticmethod
+    def _quarantine_entry(r: Any) -> QuarantineEntry:
+        recipients = json.loads(r.recipients or "{}")
+        return QuarantineEntry(
+            r.id,
+            r.queue_id,
+            r.sender,
+            tuple(r.users.split()),
+            tuple((str(a), str(b)) for a, b in recipients.get("local", [])),
+            tuple(recipients.get("remote", [])),
+            r.from_addr,
+            r.subject,
+            r.reason,
+            r.verdict,
+            r.size,
+            r.blob,
+            r.created,
+            r.state,
+            bool(r.notified),
+        )
+
+    async def list_quarantine(self, state: str | None = "held", user: str | None = None) -> list[QuarantineEntry]:
+        """Quarantined messages, oldest first; `state` None lists every state, `user` those held for one account."""
+
+        def work(conn: Connection) -> list[QuarantineEntry]:
+            q = select(t.quarantine).order_by(t.quarantine.c.id)
+            if state is not None:
+                q = q.where(t.quarantine.c.state == state)
+            entries = [self._quarantine_entry(r) for r in conn.execute(q)]
+            if user is not None:
+                wanted = normalize_address(user)
+                entries = [e for e in entries if wanted in e.users]
+            return entries
+
+        return await self._read(work)
+
+    async def get_quarantine(self, entry_id: int) -> QuarantineEntry | None:
+        def work(conn: Connection) -> QuarantineEntry | None:
+            r = conn.execute(select(t.quarantine).where(t.quarantine.c.id == entry_id)).first()
+            return None if r is None else self._quarantine_entry(r)
+
+        return await self._read(work)
+
+    async def release_quarantined(self, entry_id: int, batch: DeliveryBatch) -> bool:
+        """Mark a held message released and file `batch` (its deliveries) in the same transaction; False if not held."""
+
+        def work(conn: Connection) -> tuple[bool, list[str]]:
+            r = conn.execute(
+                select(t.quarantine.c.blob).where(t.quarantine.c.id == entry_id, t.quarantine.c.state == "held")
+            ).first()
+            if r is None:
+                return False, []
+            conn.execute(
+                update(t.quarantine).where(t.quarantine.c.id == entry_id).values(state="released", decided=time.time())
+            )
+            self._deliver(conn, batch)
+            return True, self._delete_inline(conn, [r.blob])  # the mailbox copies are the message now
+
+        done, files = await self._tx(work)
+        for f in files:
+            self.blobs.delete(f)
+        return done
+
+    async def delete_quarantined(self, entry_id: int) -> bool:
+        """Drop a held message and its body; the row stays (state deleted) as the record of the decision."""
+
+        def work(conn: Connection) -> tuple[bool, list[str]]:
+            r = conn.execute(
+                select(t.quarantine.c.blob).where(t.quarantine.c.id == entry_id, t.quarantine.c.state == "held")
+            ).first()
+            if r is None:
+                return False, []
+            conn.execute(
+                update(t.quarantine).where(t.quarantine.c.id == entry_id).values(state="deleted", decided=time.time())
+            )
+            return True, self._delete_inline(conn, [r.blob])
+
+        done, files = await self._tx(work)
+        for f in files:
+            self.blobs.delete(f)
+        return done
+
+    async def mark_quarantine_notified(self, ids: list[int]) -> None:
+        def work(conn: Connection) -> None:
+            for i in range(0, len(ids), 500):
+                conn.execute(update(t.quarantine).where(t.quarantine.c.id.in_(ids[i : i + 500])).values(notified=1))
+
+        await self._tx(work)
 
 
 class GuardBan(NamedTuple):
