@@ -110,6 +110,15 @@ def _check_zones(key: str, value: Any) -> None:
         raise ConfigError(key, str(exc)) from None
 
 
+def _check_milters(key: str, value: Any) -> None:
+    from mailwarden.checks.milter import parse_specs
+
+    try:
+        parse_specs(value)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 GUARD_EVENTS = ("auth_fail", "unknown_user", "relay", "protocol", "early_talker", "scanner")
 GUARD_LISTENERS = ("mx", "submission", "submissions", "imap", "imaps", "web")
 
@@ -672,6 +681,13 @@ OPTIONS: tuple[Option, ...] = (
         minimum=1,
     ),
     Option("log.level", str, "info", "Log level.", choices=("debug", "info", "warning", "error")),
+    Option(
+        "milter.milters",
+        list,
+        [],
+        'Content filters spoken to over the milter protocol, in this order, e.g. [{ name = "rspamd", address = "inet:127.0.0.1:11332" }]. Keys: name, address (inet:HOST:PORT or unix:/PATH), direction (inbound, outbound, both; default inbound), failure_mode (tempfail or accept; default tempfail), connect_timeout (10), timeout (10, each reply), eom_timeout (60, end of message). See docs/content.md.',
+        validator=_check_milters,
+    ),
 )
 
 _BY_KEY = {o.key: o for o in OPTIONS}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mailwarden.checks.dnsbl import parse_zones
+from mailwarden.checks.milter import parse_specs
 from mailwarden.config import Config
 from mailwarden.dns import Resolver, resolver_from_config
 from mailwarden.dns.public_suffix import public_suffix_list
@@ -237,6 +238,7 @@ class Server:
             quotas=Quotas.from_config(cfg, self.store),
             guard=CompromiseGuard(HoldPolicy.from_config(cfg), self.store),
             conn_guard=await self._start_guard(),
+            milters=tuple(parse_specs(cfg.get("milter.milters"))),
         )
         self.imap_hub = MailboxHub()
         self.imap = imap = ImapServices(
