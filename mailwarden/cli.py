@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rcpt", action="append", default=[], help="an envelope recipient (repeatable)")
     sp.add_argument("--dns", help="resolve through this SERVER:PORT instead of the configured servers")
     sp.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    sp.add_argument("--no-milters", action="store_true", help="skip the configured inbound milters")
 
     que = sub.add_parser("queue", help="outbound queue").add_subparsers(dest="sub", required=True, parser_class=_Parser)
     cmd(que, "list", cmd_queue_list, "list queued recipients")
@@ -601,7 +602,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     async def run() -> Any:
         earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)
-        return await evaluate_message(message, envelope, resolver, policy, earlier)
+        checked = message
+        if not args.no_milters:
+            checked, milter_results = await _inspect_milters(cfg, args, message)
+            earlier += milter_results
+        return await evaluate_message(checked, envelope, resolver, policy, earlier)
 
     verdict, _ = asyncio.run(run())
     if args.json:
@@ -617,6 +622,19 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if verdict.removed_forgeries:
         print(f"Removed {verdict.removed_forgeries} forged Authentication-Results claiming {policy.authserv_id}")
     print(verdict.header.decode("utf-8", "replace"), end="")
+
+
+async def _inspect_milters(cfg: config_mod.Config, args: argparse.Namespace, message: bytes) -> tuple[bytes, list[Any]]:
+    """The configured inbound milters, as the MX would run them (they are local services; --no-milters skips)."""
+    from mailwarden.checks.milter import parse_specs
+    from mailwarden.pipeline.milters import MilterContext, run_offline
+    from mailwarden.storage.spool import new_queue_id
+
+    specs = [s for s in parse_specs(cfg.get("milter.milters")) if s.applies("inbound")]
+    if not specs:
+        return message, []
+    ctx = MilterContext(cfg.get("server.hostname"), "mx", args.ip, 0, args.helo, new_queue_id())
+    return await run_offline(specs, ctx, args.mail_from, args.rcpt, message, cfg.get("smtp.max_message_size"))
 
 
 # ---- the connection guard (security/guard.py, security/bans.py) -------------

@@ -111,7 +111,7 @@ def test_commands_are_well_formed_packets(helo: str, addr: str, port: int, body:
         m.encode_macros(m.CONNECT, {"j": helo, "client_addr": addr}),
         m.encode_simple(m.EOH),
     ):
-        command, data = m.decode_command(wire)
+        _command, data = m.decode_command(wire)
         assert len(data) + 5 == len(wire)
     chunks = m.encode_body(body)
     assert b"".join(m.decode_command(c)[1] for c in chunks) == body

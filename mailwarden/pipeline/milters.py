@@ -322,3 +322,28 @@ def apply_modifications(message: bytes, mods: Modifications, leadspc: bool, max_
     if len(out) > max_size:
         raise MilterFailure(f"the filter's changes make the message larger than {max_size} bytes")
     return out
+
+
+async def run_offline(
+    specs: Sequence[MilterSpec], ctx: MilterContext, sender: str, rcpts: Sequence[str], message: bytes, max_size: int
+) -> tuple[bytes, list[CheckResult]]:
+    """The whole conversation at once, for `mailwarden inspect`: the changed message and the filters' results."""
+    chain = MilterChain(specs, ctx, max_size)
+    refusal = await chain.mail(f"<{sender}>", ())
+    for rcpt in rcpts:
+        if refusal is None:
+            refusal = await chain.rcpt(f"<{rcpt}>", ())
+    if refusal is None:
+        try:
+            outcome = await chain.message(message)
+        except SmtpReply as exc:
+            refusal = exc
+        else:
+            return outcome.message, outcome.results
+    chain.close()
+    results = [chain._result(f, None) for f in chain.filters if f.decision != "continue"]
+    if not results:  # a recipient was refused
+        action = Action.REJECT if refusal.code >= 500 else Action.TEMPFAIL
+        reply = [refusal.code, refusal.enhanced, refusal.text]
+        results = [CheckResult("milter", action.value, refusal.line(), action, details={"smtp_reply": reply})]
+    return message, results
