@@ -12,6 +12,7 @@ import re
 import smtplib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -256,3 +257,39 @@ def test_results_join_the_inbound_verdict_and_inspect(  # type: ignore[no-untype
     assert "Verdict: reject" in out and "550 5.7.1 Virus found: Test-Sig" in out
     assert re.search(r"milter:scanner\s+reject", out)
     assert p.macros()["{client_addr}"] == "192.0.2.7"
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"name": "x"}, "expected inet:HOST:PORT"),
+        ({"name": "x", "address": "inet:127.0.0.1:0"}, "port 1-65535"),
+        ({"name": "x", "address": "tcp:127.0.0.1:25"}, "unknown kind"),
+        ({"name": "x", "address": "unix:/run/f.sock", "failure_mode": "reject"}, "failure_mode"),
+        ({"name": "x", "address": "unix:/run/f.sock", "direction": "sideways"}, "direction"),
+        ({"name": "x", "address": "unix:/run/f.sock", "timeout": 0}, "more than 0"),
+        ({"name": "x", "address": "unix:/run/f.sock", "colour": "red"}, "unknown key"),
+        ({"name": "bad name", "address": "unix:/run/f.sock"}, "name must be"),
+    ],
+)
+def test_config_refuses_bad_milter_entries(entry: dict[str, Any], problem: str) -> None:
+    from mailwarden import config
+
+    with pytest.raises(config.ConfigError, match=problem):
+        config.validate({"milter": {"milters": [entry]}}, Path("."))
+
+
+def test_config_accepts_every_address_form() -> None:
+    from mailwarden.checks.milter import parse_specs
+
+    specs = parse_specs(
+        [
+            {"name": "a", "address": "inet:127.0.0.1:11332"},
+            {"name": "b", "address": "inet:8890@127.0.0.1", "failure_mode": "accept", "direction": "both"},
+            {"name": "c", "address": "inet6:[::1]:8891", "timeout": 2, "eom_timeout": 30},
+            {"name": "d", "address": "unix:/run/clamav/clamav-milter.ctl"},
+        ]
+    )
+    assert [s.name for s in specs] == ["a", "b", "c", "d"]
+    assert specs[1].applies("outbound") and specs[1].applies("inbound") and not specs[0].applies("outbound")
+    assert specs[2].timeout == 2.0 and specs[2].eom_timeout == 30.0

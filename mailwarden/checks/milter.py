@@ -91,6 +91,8 @@ def parse_specs(raw: list[Any]) -> list[MilterSpec]:
                 raise ValueError(f"entry {i}: unknown key {key!r}; one of {', '.join(_SPEC_KEYS)}")
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError(f"entry {i}: {key} has the wrong type ({value!r})")
+        if not isinstance(item.get("address"), str):
+            raise ValueError(f"entry {i}: needs an address: expected inet:HOST:PORT or unix:/PATH")
         name = item.get("name")
         if not name or not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name):
             raise ValueError(f"entry {i}: name must be 1-40 letters, digits, '_', '.' or '-'")
@@ -209,6 +211,7 @@ class MilterClient:
         self.actions = 0
         self.symlists: dict[int, tuple[str, ...]] = {}
         self.done = False  # the filter accepted or discarded: no more steps
+        self.finished = False  # end of message answered: nothing to abort
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._decoder = m.MilterDecoder(spec.max_packet)
@@ -297,6 +300,7 @@ class MilterClient:
                     return step, mods
         await self._send(self._macros(m.STAGE_EOM, macros) + m.encode_simple(m.BODYEOB))
         step = await self._end_of_message(mods)
+        self.finished = True
         return step, mods
 
     # ---- internals --------------------------------------------------------------

@@ -193,7 +193,7 @@ class MilterChain:
     def close(self) -> None:
         for f in self.filters:
             if f.client is not None:
-                f.client.close(abort=True)
+                f.client.close(abort=not f.client.finished)
 
     # ---- bookkeeping ----------------------------------------------------------------
 
