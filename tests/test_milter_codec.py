@@ -121,3 +121,37 @@ def test_commands_are_well_formed_packets(helo: str, addr: str, port: int, body:
 def test_a_nul_in_a_string_is_refused_not_truncated() -> None:
     with pytest.raises(ValueError, match="NUL"):
         m.encode_helo("evil\x00injected")
+
+
+header_changes = st.lists(
+    st.builds(
+        m.HeaderChange,
+        st.sampled_from([m.ADDHEADER, m.INSHEADER, m.CHGHEADER]),
+        st.integers(0, 5),
+        st.text(max_size=12),
+        st.text(max_size=40),
+    ),
+    max_size=6,
+)
+
+
+@given(st.binary(max_size=400), header_changes, st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_filter_header_changes_never_smuggle_fields(message: bytes, changes: list[m.HeaderChange], lead: bool) -> None:
+    """Whatever a filter sends, the result is refused (MilterFailure) or has only well-formed fields."""
+    from mailwarden.checks.milter import MilterFailure, Modifications, split_message
+    from mailwarden.pipeline.milters import apply_modifications
+
+    split_message(message)  # never raises
+    try:
+        out = apply_modifications(message, Modifications(headers=changes), lead, 10_000)
+    except MilterFailure:
+        return
+    head = out.split(b"\r\n\r\n", 1)[0]
+    added = [c for c in changes if c.value.strip()]
+    for line in head.split(b"\r\n"):
+        if not line or line[:1] in (b" ", b"\t"):
+            continue
+        name = line.split(b":", 1)[0]
+        original = any(line in message.split(b"\r\n") for _ in [0])
+        assert original or any(name == c.name.encode() for c in added), line

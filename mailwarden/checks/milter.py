@@ -212,6 +212,7 @@ class MilterClient:
         self.symlists: dict[int, tuple[str, ...]] = {}
         self.done = False  # the filter accepted or discarded: no more steps
         self.finished = False  # end of message answered: nothing to abort
+        self.max_body = 64 << 20  # the most replacement body kept (the chain sets the message size limit)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._decoder = m.MilterDecoder(spec.max_packet)
@@ -363,7 +364,7 @@ class MilterClient:
             elif isinstance(reply, m.BodyReplacement):
                 self._allowed(m.F_CHGBODY, reply)
                 body_size += len(reply.chunk)
-                if body_size > self.spec.max_packet * 64:
+                if body_size > self.max_body:
                     raise MilterFailure("replacement body too large")
                 if mods.body is None:
                     mods.body = bytearray()

@@ -111,6 +111,7 @@ class MilterChain:
         self.macros["{mail_addr}"] = sender.strip("<>")
         for f in self.filters:
             client = MilterClient(f.spec)
+            client.max_body = self.max_message
             f.client = client
             try:
                 await client.open()
