@@ -40,6 +40,7 @@ class PeerMilter:
         protocol: int = 0,
         actions: int = m.ALL_ACTIONS,
         symlists: dict[int, tuple[str, ...]] | None = None,
+        unix_path: str = "",
     ) -> None:
         self.script = script or (lambda command, data: None)
         self.protocol = protocol
@@ -47,9 +48,16 @@ class PeerMilter:
         self.symlists = symlists or {}
         self.seen: list[tuple[bytes, bytes]] = []
         self.connections = 0
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        self.address = f"inet:127.0.0.1:{self.port}"
+        if unix_path:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.bind(unix_path)
+            self._sock.listen()
+            self.port = 0
+            self.address = f"unix:{unix_path}"
+        else:
+            self._sock = socket.create_server(("127.0.0.1", 0))
+            self.port = self._sock.getsockname()[1]
+            self.address = f"inet:127.0.0.1:{self.port}"
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True, name=f"milter-peer-{self.port}").start()

@@ -293,3 +293,43 @@ def test_config_accepts_every_address_form() -> None:
     assert [s.name for s in specs] == ["a", "b", "c", "d"]
     assert specs[1].applies("outbound") and specs[1].applies("inbound") and not specs[0].applies("outbound")
     assert specs[2].timeout == 2.0 and specs[2].eom_timeout == 30.0
+
+
+def test_a_filter_on_a_unix_socket_asking_for_flags_we_did_not_offer(
+    server_factory, peers: list[PeerMilter], tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    def script(command: bytes, data: bytes) -> Any:
+        return (
+            [m.HeaderChange(m.ADDHEADER, 0, "X-Scanned", "unix"), m.Reply(m.CONTINUE)] if command == m.BODYEOB else None
+        )
+
+    # SMFIP_RCPT_REJ was not offered: the filter simply does not get refused recipients.
+    p = peer(peers, script, protocol=m.P_RCPT_REJ, unix_path=str(tmp_path / "filter.sock"))
+    rs = server_factory({"milter.milters": [spec(p)]})
+    assert send(rs, [ALICE], message())[0] == 250
+    (row,) = rs.inbox(ALICE)
+    assert b"\r\nX-Scanned: unix\r\n" in rs.message(ALICE, int(row[0]))
+
+
+def test_outbound_spam_verdict_holds_remote_mail(server_factory, peers: list[PeerMilter]) -> None:  # type: ignore[no-untyped-def]
+    def script(command: bytes, data: bytes) -> Any:
+        return (
+            [m.HeaderChange(m.ADDHEADER, 0, "X-Spam-Flag", "YES"), m.Reply(m.CONTINUE)]
+            if command == m.BODYEOB
+            else None
+        )
+
+    p = peer(peers, script)
+    rs = server_factory({"milter.milters": [spec(p, direction="both")]})
+    with smtplib.SMTP("127.0.0.1", rs.ports["submission"], timeout=30) as c:
+        c.ehlo("laptop")
+        c.starttls(context=rs.tls.client_context())
+        c.ehlo("laptop")
+        c.login(ALICE, ALICE_PW)
+        body = f"From: {ALICE}\r\nTo: friend@remote.test\r\nSubject: buy now\r\n\r\ncheap pills\r\n"
+        assert c.sendmail(ALICE, ["friend@remote.test"], body) == {}
+    rs.wait_filed()
+    code, out, err = rs.cli("queue", "list")
+    assert code == 0, err
+    (row,) = out.splitlines()[1:]
+    assert row.split("\t")[2] == "held"  # never sent: the filter called it spam

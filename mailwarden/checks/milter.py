@@ -238,9 +238,8 @@ class MilterClient:
             raise MilterFailure(f"expected the option negotiation reply, got {reply.code!r}")
         if reply.version < 2 or reply.version > m.VERSION:
             raise MilterFailure(f"filter speaks milter version {reply.version}; we speak 2 to {m.VERSION}")
-        if reply.protocol & ~m.OFFERED_PROTOCOL & 0x1FFFFF:
-            raise MilterFailure(f"filter needs protocol flags we did not offer: {reply.protocol:#x}")
-        self.protocol = reply.protocol
+        # Flags we did not offer (RCPT_REJ, the MDS sizes) are ignored: we keep to what we offered.
+        self.protocol = reply.protocol & m.OFFERED_PROTOCOL
         self.actions = reply.actions & m.ALL_ACTIONS
         self.symlists = reply.symlists
         self.elapsed += time.monotonic() - started
