@@ -173,7 +173,7 @@ class MilterChain:
                         )
                 except MilterFailure as exc:
                     refusal = self._failed(f, "eom", exc)
-                    outcome.results.append(self._result(f, None))
+                    outcome.results.append(self.result_of(f, None))
                     if refusal is not None:
                         self.close()
                         raise refusal from None
@@ -183,11 +183,11 @@ class MilterChain:
                 outcome.del_rcpts += [a.strip("<>") for a in mods.del_rcpts]
                 if mods.sender is not None:
                     outcome.sender = mods.sender.strip("<>")
-                outcome.results.append(self._result(f, mods))
+                outcome.results.append(self.result_of(f, mods))
                 if f.decision in ("reject", "tempfail", "discard"):
                     break
             else:
-                outcome.results.append(self._result(f, None))
+                outcome.results.append(self.result_of(f, None))
         self.close()
         return outcome
 
@@ -228,7 +228,7 @@ class MilterChain:
             return self.failed
         return None
 
-    def _result(self, f: _Filter, mods: Modifications | None) -> CheckResult:
+    def result_of(self, f: _Filter, mods: Modifications | None) -> CheckResult:
         details: dict[str, Any] = {"stage": f.stage or "eom"}
         if f.reply is not None:
             details["smtp_reply"] = list(f.reply)
@@ -342,7 +342,7 @@ async def run_offline(
         else:
             return outcome.message, outcome.results
     chain.close()
-    results = [chain._result(f, None) for f in chain.filters if f.decision != "continue"]
+    results = [chain.result_of(f, None) for f in chain.filters if f.decision != "continue"]
     if not results:  # a recipient was refused
         action = Action.REJECT if refusal.code >= 500 else Action.TEMPFAIL
         reply = [refusal.code, refusal.enhanced, refusal.text]
