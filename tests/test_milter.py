@@ -333,3 +333,12 @@ def test_outbound_spam_verdict_holds_remote_mail(server_factory, peers: list[Pee
     assert code == 0, err
     (row,) = out.splitlines()[1:]
     assert row.split("\t")[2] == "held"  # never sent: the filter called it spam
+
+
+def test_a_nul_in_a_header_reaches_the_filter_as_a_space(server_factory, peers: list[PeerMilter]) -> None:  # type: ignore[no-untyped-def]
+    p = peer(peers)
+    rs = server_factory({"milter.milters": [spec(p)]})
+    code, text, _ = send(rs, [ALICE], message().replace(b"Subject: hello", b"Subject: hel\x00lo"))
+    assert code == 250, text
+    assert ("Subject", "hel lo") in p.headers()
+    assert len(rs.inbox(ALICE)) == 1

@@ -283,6 +283,8 @@ class MilterClient:
         if not self.protocol & m.P_NOHDRS:
             lead = bool(self.protocol & m.P_HDR_LEADSPC)
             for name, value in headers:
+                # A NUL cannot travel in a milter string; the filter sees a space (the message is unchanged).
+                name, value = name.replace(b"\x00", b" "), value.replace(b"\x00", b" ")
                 if not lead:
                     value = value.lstrip(b" \t") if value[:1] in (b" ", b"\t") else value
                 step = await self._step(None, 0, m.P_NR_HDR, m.encode_header(name, value), {})
