@@ -19,6 +19,14 @@ deps:
 	command -v nft >/dev/null || missing="$$missing nftables"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v zip >/dev/null || missing="$$missing zip"; \
+	command -v rspamd >/dev/null || missing="$$missing rspamd"; \
+	command -v spamd >/dev/null || missing="$$missing spamassassin spamd"; \
+	command -v spamc >/dev/null || missing="$$missing spamc"; \
+	command -v spamass-milter >/dev/null || missing="$$missing spamass-milter"; \
+	command -v clamd >/dev/null || missing="$$missing clamav-daemon"; \
+	command -v sigtool >/dev/null || missing="$$missing clamav"; \
+	command -v clamav-milter >/dev/null || missing="$$missing clamav-milter"; \
+	test -e /usr/share/clamav-testfiles/clam.exe || missing="$$missing clamav-testfiles"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "please install:$$missing (apt-get install$$missing)"; exit 1; fi; \

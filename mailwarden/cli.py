@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rcpt", action="append", default=[], help="an envelope recipient (repeatable)")
     sp.add_argument("--dns", help="resolve through this SERVER:PORT instead of the configured servers")
     sp.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    sp.add_argument("--no-milters", action="store_true", help="skip the configured inbound milters")
 
     que = sub.add_parser("queue", help="outbound queue").add_subparsers(dest="sub", required=True, parser_class=_Parser)
     cmd(que, "list", cmd_queue_list, "list queued recipients")
@@ -710,7 +711,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     async def run() -> Any:
         earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)
-        return await evaluate_message(message, envelope, resolver, policy, earlier)
+        checked = message
+        if not args.no_milters:
+            checked, milter_results = await _inspect_milters(cfg, args, message)
+            earlier += milter_results
+        return await evaluate_message(checked, envelope, resolver, policy, earlier)
 
     verdict, _ = asyncio.run(run())
     if args.json:
@@ -833,6 +838,19 @@ def cmd_quarantine_digest(args: argparse.Namespace) -> None:
     for user, count in sorted(sent.items()):
         print(f"{user}\t{count}")
     print(f"digest sent to {len(sent)} user{'s' if len(sent) != 1 else ''}")
+
+
+async def _inspect_milters(cfg: config_mod.Config, args: argparse.Namespace, message: bytes) -> tuple[bytes, list[Any]]:
+    """The configured inbound milters, as the MX would run them (they are local services; --no-milters skips)."""
+    from mailwarden.checks.milter import parse_specs
+    from mailwarden.pipeline.milters import MilterContext, run_offline
+    from mailwarden.storage.spool import new_queue_id
+
+    specs = [s for s in parse_specs(cfg.get("milter.milters")) if s.applies("inbound")]
+    if not specs:
+        return message, []
+    ctx = MilterContext(cfg.get("server.hostname"), "mx", args.ip, 0, args.helo, new_queue_id())
+    return await run_offline(specs, ctx, args.mail_from, args.rcpt, message, cfg.get("smtp.max_message_size"))
 
 
 # ---- the connection guard (security/guard.py, security/bans.py) -------------

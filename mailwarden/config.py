@@ -126,6 +126,15 @@ def _check_size(key: str, value: Any) -> None:
         raise ConfigError(key, str(exc)) from None
 
 
+def _check_milters(key: str, value: Any) -> None:
+    from mailwarden.checks.milter import parse_specs
+
+    try:
+        parse_specs(value)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 GUARD_EVENTS = ("auth_fail", "unknown_user", "relay", "protocol", "early_talker", "scanner")
 GUARD_LISTENERS = ("mx", "submission", "submissions", "imap", "imaps", "web")
 
@@ -764,6 +773,13 @@ OPTIONS: tuple[Option, ...] = (
         "Hour of the day (UTC, 0-23) the daily digest is sent.",
         minimum=0,
         validator=lambda key, value: _check_hour(key, value),
+    ),
+    Option(
+        "milter.milters",
+        list,
+        [],
+        'Content filters spoken to over the milter protocol, in this order, e.g. [{ name = "rspamd", address = "inet:127.0.0.1:11332" }]. Keys: name, address (inet:HOST:PORT or unix:/PATH), direction (inbound, outbound, both; default inbound), failure_mode (tempfail or accept; default tempfail), connect_timeout (10), timeout (10, each reply), eom_timeout (60, end of message). See docs/content.md.',
+        validator=_check_milters,
     ),
 )
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mailwarden.checks.dnsbl import parse_zones
+from mailwarden.checks.milter import parse_specs
 from mailwarden.checks.rules import RulesConfig, rule_actions
 from mailwarden.config import Config
 from mailwarden.dns import Resolver, resolver_from_config
@@ -253,6 +254,7 @@ class Server:
             quotas=Quotas.from_config(cfg, self.store),
             guard=CompromiseGuard(HoldPolicy.from_config(cfg), self.store),
             conn_guard=await self._start_guard(),
+            milters=tuple(parse_specs(cfg.get("milter.milters"))),
         )
         if self.worker == 0 and cfg.get("quarantine.digest") == "daily":
             self._digest = asyncio.create_task(

@@ -33,6 +33,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, _AuthMechAttr
 
+from mailwarden.checks.milter import MilterSpec
 from mailwarden.checks.result import Action, CheckResult
 from mailwarden.config import Config
 from mailwarden.dns.resolver import Resolver
@@ -54,9 +55,11 @@ from mailwarden.pipeline.inbound import (
     evaluate_reputation,
     inbound_content_stage,
     local_user_names,
+    merge,
 )
 from mailwarden.pipeline.local_mail import deliver_local
 from mailwarden.pipeline.mailbox_quota import DataDecision, data_check, declared_size, dsn_message, rcpt_check
+from mailwarden.pipeline.milters import MilterChain, MilterContext
 from mailwarden.pipeline.recipients import check_recipient
 from mailwarden.pipeline.reports import dmarc_record
 from mailwarden.pipeline.submission import (
@@ -102,6 +105,7 @@ class SmtpServices:
     quotas: Quotas | None = None  # None: no sending quotas
     guard: CompromiseGuard | None = None  # None: no compromised-account hold
     conn_guard: Guard | None = None  # None: no connection guard (security/guard.py)
+    milters: tuple[MilterSpec, ...] = ()  # content filters (milter.milters), in order
 
 
 @dataclass
@@ -224,6 +228,8 @@ class SmtpSession(SMTP):
         self._flagged = False  # already counted as an event (early talker): not a silent scanner too
         self.commands = 0
         self._meter = services.conn_guard.command_meter() if services.conn_guard is not None else None
+        self._milters: MilterChain | None = None  # this transaction's content filters (pipeline/milters.py)
+        self._milter_qid: str | None = None  # the queue id the filters were told (macro i)
 
     # ---- connection ------------------------------------------------------
 
@@ -247,6 +253,7 @@ class SmtpSession(SMTP):
         log_event("connect", sid=self.sid, proto="smtp", listener=self.role, ip=self.ip)
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._end_milters()
         log_event("disconnect", sid=self.sid, ip=self.ip, messages=self.messages, errors=self.errors)
         if self.services.conn_guard is not None:
             silent = self.commands == 0 and not self._flagged
@@ -469,6 +476,7 @@ class SmtpSession(SMTP):
 
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
+        self._end_milters()
         self.resolutions = []
         self.early_results = None
 
@@ -502,6 +510,9 @@ class SmtpSession(SMTP):
             refusal = await self._quota_refusal(messages=1, recipients=0)
             if refusal is not None:
                 return refusal
+        refusal = await self._milter_mail(address, options)
+        if refusal is not None:
+            return refusal
         self.envelope.mail_from = address  # type: ignore[union-attr]
         self.envelope.mail_options.extend(options)  # type: ignore[union-attr]
         return "250 2.1.0 Sender OK"
@@ -536,6 +547,10 @@ class SmtpSession(SMTP):
             except SmtpReply as reply:
                 self._reject("quota_full")
                 refusal = reply.line()
+
+        if refusal is None and self._milters is not None:
+            milter_refusal = await self._milters.rcpt(address, ())
+            refusal = milter_refusal.line() if milter_refusal is not None else None
         if refusal is not None:
             return refusal
         env.rcpt_tos.append(address)
@@ -737,6 +752,15 @@ class SmtpSession(SMTP):
             self._reject("content_limit")
             log_event("reject", sid=self.sid, ip=self.ip, user=self.user, reason="content_limit", detail=reply.text)
             raise
+        milter_results: list[CheckResult] = []
+        if self._milters is not None:
+            message, milter_results = await self._milter_message(message)
+            if not env.rcpt_tos:
+                log_event(
+                    "milter_no_recipients", sid=self.sid, ip=self.ip, detail="the filters removed every recipient"
+                )
+                return "250 2.0.0 Ok: no recipients left after content filtering"
+            sender = "" if env.mail_from == "<>" else (env.mail_from or "")
         header_block, _ = split_header_block(message)
         prefix = b""
         if self.session.authenticated:  # type: ignore[union-attr]
@@ -749,9 +773,13 @@ class SmtpSession(SMTP):
             prefix += ensure_message_id(header_block, self.hostname)
         mailbox = "INBOX"
         inbound = self._checks_apply()
+        milter_hold = ""
         if inbound is not None:
+            self.early_results = [*(self.early_results or ()), *milter_results]
             message, mailbox = await self._run_checks(inbound, message, sender)
-        qid = new_queue_id()
+        elif milter_results:
+            mailbox, milter_hold = self._milter_verdict(milter_results)
+        qid = self._milter_qid or new_queue_id()
         local: dict[str, str] = {}
         remote: list[str] = []
         remote_domain = ""  # the hosted domain that forwards (an alias to an outside address)
@@ -793,7 +821,9 @@ class SmtpSession(SMTP):
         }
         if arc_set:
             envelope["arc"] = arc_set.decode("latin-1")  # prepended to the forwarded copies only (filing.py)
-        if remote and self.user:
+        if milter_hold and remote:
+            envelope["hold"] = milter_hold
+        elif remote and self.user:
             hold = await self._hold_reason(remote, message)
             if hold:
                 envelope["hold"] = hold  # queued as "held": never sent until released
@@ -937,6 +967,98 @@ class SmtpSession(SMTP):
             names = local_user_names(directory.accounts, inbound.protected_names)
             cached = _LOCAL_NAMES["names"] = (directory, names)
         return cached[1]
+
+    # ---- milters (pipeline/milters.py) -------------------------------------
+
+    async def _milter_mail(self, address: str, options: list[str]) -> str | None:
+        """Open this transaction's filters (connect, HELO and MAIL steps); their refusal refuses MAIL."""
+        self._end_milters()
+        direction = "outbound" if self.session.authenticated else "inbound"  # type: ignore[union-attr]
+        specs = [s for s in self.services.milters if s.applies(direction)]
+        if not specs:
+            return None
+        ssl_obj = self._ssl_object()
+        sock = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        self._milter_qid = new_queue_id()
+        ctx = MilterContext(
+            hostname=self.hostname,
+            listener=self.role,
+            ip=self.ip,
+            port=int(peer[1]) if peer else 0,
+            helo=self.session.host_name or "",  # type: ignore[union-attr]
+            queue_id=self._milter_qid,
+            daemon_addr=str(sock[0]) if sock else "",
+            auth_user=self.user,
+            tls=(ssl_obj.version(), ssl_obj.cipher()[0], ssl_obj.cipher()[2]) if ssl_obj else None,
+        )
+        self._milters = MilterChain(specs, ctx, self._limits().max_message_bytes, self.sid)
+        refusal = await self._milters.mail(address, options)
+        if refusal is None:
+            return None
+        self._end_milters()
+        self._reject("milter")
+        log_event("reject", sid=self.sid, ip=self.ip, reason="milter", stage="mail", detail=refusal.text)
+        return refusal.line()
+
+    async def _milter_message(self, message: bytes) -> tuple[bytes, list[CheckResult]]:
+        """The filters' data steps; applies their envelope changes and returns the changed message."""
+        chain = self._milters
+        env = self.envelope
+        assert chain is not None and env is not None
+        try:
+            outcome = await chain.message(message)
+        except SmtpReply:
+            self._reject("milter")
+            raise
+        for gone in outcome.del_rcpts:
+            for i in reversed(range(len(env.rcpt_tos))):
+                if env.rcpt_tos[i].strip("<>").lower() == gone.lower():
+                    del env.rcpt_tos[i]
+                    del self.resolutions[i]
+        for added in outcome.add_rcpts:
+            try:
+                res = await check_recipient(self.services.accounts, added, True, self.cfg_delim)
+            except SmtpReply as exc:
+                log_event("milter_rcpt_not_added", sid=self.sid, rcpt=clean_text(added), detail=exc.text)
+                continue
+            env.rcpt_tos.append(added)
+            self.resolutions.append(res)
+        if outcome.sender is not None:
+            env.mail_from = outcome.sender or "<>"
+        log_event(
+            "milters", sid=self.sid, ip=self.ip,
+            results=" ".join(f"{r.check}={r.result}" for r in outcome.results),
+        )  # fmt: skip
+        return outcome.message, outcome.results
+
+    def _milter_verdict(self, results: list[CheckResult]) -> tuple[str, str]:
+        """For mail the inbound checks skip: the filters' own verdict (folder, hold reason); raises a refusal."""
+        verdict = merge(results, InboundPolicy(authserv_id=self.hostname))
+        reply = verdict.smtp_reply()
+        if reply is not None:
+            self._reject(f"verdict_{verdict.action.value}")
+            log_event("reject", sid=self.sid, ip=self.ip, reason="milter", detail=reply.text)
+            raise reply
+        authenticated = self.session.authenticated  # type: ignore[union-attr]
+        if verdict.action is Action.QUARANTINE and not authenticated:  # trusted-network mail: the quarantine store
+            self._quarantine = {
+                "reason": "; ".join(verdict.reasons[:3]) or "quarantine",
+                "verdict": json.dumps(verdict.as_dict())[:16000],
+            }
+            log_event("quarantined", sid=self.sid, ip=self.ip, reason="milter")
+            return "INBOX", ""
+        if verdict.action in (Action.JUNK, Action.QUARANTINE):
+            why = "content filter: " + "; ".join(verdict.reasons)
+            # Outbound: held, never sent (pipeline/content.py's rule); local copies go to Junk.
+            return "Junk", why if self.session.authenticated else ""  # type: ignore[union-attr]
+        return "INBOX", ""
+
+    def _end_milters(self) -> None:
+        chain, self._milters = self._milters, None
+        self._milter_qid = None
+        if chain is not None:
+            chain.close()
 
     # ---- AUTH --------------------------------------------------------------
 

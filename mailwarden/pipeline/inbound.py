@@ -93,6 +93,15 @@ class Verdict:
     def smtp_reply(self) -> SmtpReply | None:
         """The refusal to send after DATA, or None to accept."""
         why = "; ".join(self.reasons[:2]) or "policy"
+        for r in self.results:
+            # A content filter's own reply (clamav-milter's virus name) reaches the client as it wrote it.
+            if (
+                r.action is self.action
+                and self.action in (Action.REJECT, Action.TEMPFAIL)
+                and "smtp_reply" in r.details
+            ):
+                code, enhanced, text = r.details["smtp_reply"]
+                return SmtpReply(code, enhanced, text or why)
         if self.action is Action.REJECT:
             return SmtpReply(550, "5.7.1", f"Message refused: {why}")
         if self.action is Action.TEMPFAIL:
