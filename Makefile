@@ -18,6 +18,8 @@ deps:
 	command -v fail2ban-regex >/dev/null || missing="$$missing fail2ban"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v mbsync >/dev/null || missing="$$missing isync"; \
+	command -v fetchmail >/dev/null || missing="$$missing fetchmail"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "please install:$$missing (apt-get install$$missing)"; exit 1; fi; \
