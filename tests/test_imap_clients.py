@@ -11,12 +11,13 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import BOB, BOB_PW, RunningServer
+from tests.conftest import BOB, BOB_PW, RunningServer, TlsMaterial, make_instance, start_server, stop_server
 from tests.test_imap_server import IMAP_LISTENERS, deliver, imaps, message, ok
 
 
@@ -198,3 +199,77 @@ def status_uidnext(server: RunningServer, name: str) -> int:
     finally:
         conn.logout()
     return int(line.rsplit("UIDNEXT ", 1)[1].rstrip(")"))
+
+
+# ---- fetchmail -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cn_server(tmp_path: Path, tls: TlsMaterial) -> Iterator[RunningServer]:
+    """A server whose certificate also carries a subject CN: fetchmail's `sslcertck` refuses one without it
+    ("Server name not specified in certificate!"), even when a subjectAltName matches."""
+    if shutil.which("fetchmail") is None:
+        pytest.skip("fetchmail is not installed")
+    d = tmp_path / "cn-tls"
+    d.mkdir()
+    leaf = tls.ca.issue_cert("localhost", "127.0.0.1", common_name="localhost")
+    leaf.private_key_pem.write_to_path(str(d / "key.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    tls.ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    material = TlsMaterial(tls.ca, d / "cert.pem", d / "key.pem")
+    rs = start_server(make_instance(tmp_path / "instance", material, IMAP_LISTENERS), material)
+    yield rs
+    stop_server(rs)
+
+
+class Fetchmail:
+    def __init__(self, server: RunningServer, root: Path, ca: Path) -> None:
+        self.server = server
+        self.home = root / "fetchmail"
+        self.home.mkdir()
+        self.out = root / "fetched.mbox"
+        self.ca = ca
+
+    def run(self, options: str) -> str:
+        rc = self.home / "fetchmailrc"
+        rc.write_text(
+            f"set no syslog\npoll localhost protocol IMAP port {self.server.ports['imaps']}\n"
+            f'  user "{BOB}" there with password "{BOB_PW}"\n'
+            f"  ssl sslcertck sslcertfile {self.ca}\n  folder INBOX\n  {options}\n"
+            f'  mda "cat >> {self.out}"\n'
+        )
+        rc.chmod(0o600)
+        env = dict(os.environ, FETCHMAILHOME=str(self.home))
+        out = subprocess.run(["fetchmail", "-v", "-f", str(rc)], capture_output=True, text=True, timeout=120, env=env)
+        log = out.stdout + out.stderr
+        assert out.returncode in (0, 1), log  # 0: mail fetched, 1: no mail
+        return log
+
+    def subjects(self) -> list[str]:
+        if not self.out.exists():
+            return []
+        return [line[9:] for line in self.out.read_text().splitlines() if line.startswith("Subject: ")]
+
+
+def test_fetchmail_keep_fetches_unseen_once_and_marks_them_seen(cn_server: RunningServer, tmp_path: Path) -> None:
+    fetch = Fetchmail(cn_server, tmp_path, ca_pem(cn_server))
+    deliver(cn_server, "first")
+    deliver(cn_server, "second")
+    fetch.run("keep")
+    assert fetch.subjects() == ["first", "second"]
+    assert server_view(cn_server)["INBOX"] == [("first", ("\\Seen",)), ("second", ("\\Seen",))]
+    log = fetch.run("keep")  # nothing unseen left: nothing fetched again
+    assert fetch.subjects() == ["first", "second"], log
+
+
+def test_fetchmail_no_keep_deletes_what_it_fetched(cn_server: RunningServer, tmp_path: Path) -> None:
+    fetch = Fetchmail(cn_server, tmp_path, ca_pem(cn_server))
+    deliver(cn_server, "old")
+    fetch.run("keep")
+    deliver(cn_server, "new")
+    fetch.run("no keep")  # only the unseen one is fetched, and expunged
+    assert fetch.subjects() == ["old", "new"]
+    assert server_view(cn_server)["INBOX"] == [("old", ("\\Seen",))]
+    fetch.run("fetchall no keep")
+    assert fetch.subjects() == ["old", "new", "old"]
+    assert server_view(cn_server)["INBOX"] == []
