@@ -126,9 +126,15 @@ class ImapServices:
     sessions: set[ImapSession] = field(default_factory=set)  # open connections, closed at shutdown
 
     def close_all(self) -> None:
+        """Shutdown: tell every client (`* BYE`, RFC 3501 §7.1.5) and end its session."""
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.shutdown()
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for the sessions ended by `close_all`, so none is left pending when the loop stops."""
+        tasks = [s._task for s in list(self.sessions) if s._task is not None and not s._task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
 
 @dataclass
@@ -273,6 +279,16 @@ class ImapSession(asyncio.Protocol):
             return
         self.transport.write(data)
         await self._can_write.wait()
+
+    def shutdown(self) -> None:
+        """Server shutdown: `* BYE`, close the connection (TLS close_notify is not waited for), end the task."""
+        self._closing = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(fmt.untagged_status("BYE", "Server shutting down"))
+            transport.close()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def _close(self, text: str | None = None) -> None:
         self._closing = True
