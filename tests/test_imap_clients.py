@@ -39,6 +39,8 @@ def server_view(server: RunningServer) -> dict[str, list[tuple[str, tuple[str, .
     view: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
     try:
         for line in ok(conn.list('""', "*")):
+            if b"\\Noselect" in line:
+                continue
             name = line.decode().rsplit(' "/" ', 1)[1].strip('"')
             ok(conn.select(f'"{name}"', readonly=True))
             rows: list[tuple[str, tuple[str, ...]]] = []
@@ -273,3 +275,17 @@ def test_fetchmail_no_keep_deletes_what_it_fetched(cn_server: RunningServer, tmp
     fetch.run("fetchall no keep")
     assert fetch.subjects() == ["old", "new", "old"]
     assert server_view(cn_server)["INBOX"] == []
+
+
+def test_mbsync_syncs_nested_folders_both_ways(imap_server: RunningServer, mbsync: Mbsync) -> None:
+    conn = imaps(imap_server)
+    ok(conn.create("Clients/Acme"))  # its parent "Clients" is only a level of hierarchy (\Noselect)
+    ok(conn.append("Clients/Acme", None, None, message("acme order")))
+    conn.logout()
+    mbsync.add("Local/Nested", "nested locally")
+    mbsync.sync()
+    assert mbsync.view("Clients/Acme") == [("acme order", "")]
+    view = server_view(imap_server)
+    assert view["Local/Nested"] == [("nested locally", ())]
+    assert mbsync.sync()  # and again, quietly: nothing is created twice
+    assert server_view(imap_server) == view
