@@ -27,6 +27,8 @@ deps:
 	command -v sigtool >/dev/null || missing="$$missing clamav"; \
 	command -v clamav-milter >/dev/null || missing="$$missing clamav-milter"; \
 	test -e /usr/share/clamav-testfiles/clam.exe || missing="$$missing clamav-testfiles"; \
+	command -v mbsync >/dev/null || missing="$$missing isync"; \
+	command -v fetchmail >/dev/null || missing="$$missing fetchmail"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "please install:$$missing (apt-get install$$missing)"; exit 1; fi; \

@@ -400,6 +400,8 @@ class Server:
             self.imap.close_all()  # IMAP sessions may idle for 30 minutes: end them
         for server in self._servers:
             await server.wait_closed()
+        if getattr(self, "imap", None) is not None:
+            await self.imap.wait_closed()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self._digest is not None:

@@ -27,6 +27,8 @@ import asyncio
 import base64
 import binascii
 import datetime
+import email.errors
+import email.header
 import logging
 import random
 import time
@@ -127,9 +129,15 @@ class ImapServices:
     sessions: set[ImapSession] = field(default_factory=set)  # open connections, closed at shutdown
 
     def close_all(self) -> None:
+        """Shutdown: tell every client (`* BYE`, RFC 3501 §7.1.5) and end its session."""
         for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.shutdown()
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) for the sessions ended by `close_all`, so none is left pending when the loop stops."""
+        tasks = [s._task for s in list(self.sessions) if s._task is not None and not s._task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
 
 @dataclass
@@ -187,6 +195,18 @@ def _list_match(pattern: str, name: str) -> bool:
 
     rx = "".join(".*" if c == "*" else f"[^{DELIMITER}]*" if c == "%" else re.escape(c) for c in pattern)
     return re.fullmatch(rx, name, re.DOTALL) is not None
+
+
+def _missing_parents(listed: Iterable[str], existing: set[str]) -> list[str]:
+    """Every superior name of `listed` that is not itself an existing mailbox."""
+    out: set[str] = set()
+    for name in listed:
+        parts = name.split(DELIMITER)
+        for i in range(1, len(parts)):
+            parent = DELIMITER.join(parts[:i])
+            if parent not in existing:
+                out.add(parent)
+    return sorted(out)
 
 
 def _flag(f: str) -> str:
@@ -274,6 +294,16 @@ class ImapSession(asyncio.Protocol):
             return
         self.transport.write(data)
         await self._can_write.wait()
+
+    def shutdown(self) -> None:
+        """Server shutdown: `* BYE`, close the connection (TLS close_notify is not waited for), end the task."""
+        self._closing = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(fmt.untagged_status("BYE", "Server shutting down"))
+            transport.close()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def _close(self, text: str | None = None) -> None:
         self._closing = True
@@ -688,6 +718,7 @@ class ImapSession(asyncio.Protocol):
                 await self.write(b'* %s (\\Noselect) "/" ""\r\n' % word)
                 continue
             full = ref + pattern
+            rows: list[tuple[str, list[str]]] = []
             for box, subscribed in boxes:
                 if lsub and not subscribed:
                     continue
@@ -703,9 +734,19 @@ class ImapSession(asyncio.Protocol):
                 attrs.append("\\HasChildren" if has_kids else "\\HasNoChildren")
                 if box.special_use:
                     attrs.append(box.special_use)
-                await self.write(
-                    b"* " + word + b" " + fmt.flag_list(attrs) + b' "/" ' + fmt.mailbox(box.name) + b"\r\n"
-                )
+                rows.append((box.name, attrs))
+            if not special_only:
+                # Levels of hierarchy that are not mailboxes themselves ("A" when only "A/B" exists) are listed
+                # as \Noselect when the pattern matches them (RFC 3501 §6.3.8), so clients can walk the tree.
+                listed = names if not lsub else {b.name for b, sub in boxes if sub}
+                rows += [
+                    (p, ["\\Noselect", "\\HasChildren"])
+                    for p in _missing_parents(listed, names)
+                    if _list_match(full, p)
+                ]
+                rows.sort(key=lambda row: (row[0] != "INBOX", row[0]))
+            for name, attrs in rows:
+                await self.write(b"* " + word + b" " + fmt.flag_list(attrs) + b' "/" ' + fmt.mailbox(name) + b"\r\n")
 
     async def cmd_LIST(self, cmd: Command) -> str:
         reference, patterns, select_opts, _returns = cmd.args
@@ -1057,7 +1098,7 @@ class _SearchContext:
 
     async def header(self, name: str) -> str:
         raw = header_value(split_header(await self.data())[0], name)
-        return "" if raw is None else raw.decode("utf-8", "replace")
+        return "" if raw is None else decode_words(raw)
 
     async def match(self, key: SearchKey) -> bool:
         n, a, m = key.name, key.args, self.m
@@ -1116,14 +1157,25 @@ class _SearchContext:
             return needle in (m.subject or await self.header("Subject")).lower()
         if n in ("TO", "CC", "BCC"):
             return needle in (await self.header(n.capitalize())).lower()
-        if n == "HEADER":
-            value = await self.header(a[0])
-            return needle in value.lower() if value or not needle else False
+        if n == "HEADER":  # an empty string matches every message that has the field (RFC 3501 §6.4.4)
+            raw = header_value(split_header(await self.data())[0], a[0])
+            return raw is not None and needle in decode_words(raw).lower()
         if n in ("BODY", "TEXT"):
             data = await self.data()
             haystack = split_header(data)[1] if n == "BODY" else data
             return needle.encode("utf-8") in haystack.lower()
         raise bad(f"search key {n} is not supported")
+
+
+def decode_words(raw: bytes) -> str:
+    """A header value as text, RFC 2047 encoded words decoded, so SEARCH TO/CC/HEADER match what users read."""
+    text = raw.decode("utf-8", "replace")
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+        return text
 
 
 def email_date(text: str) -> datetime.date:
