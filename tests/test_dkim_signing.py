@@ -27,9 +27,11 @@ from hypothesis import strategies as st
 
 from mailwarden.checks.dkim import evaluate_dkim
 from mailwarden.dns.resolver import Resolver
+from mailwarden.outbound import signing
 from mailwarden.outbound.dkim_keys import new_key_set, retire_due, rotate
 from mailwarden.outbound.signing import (
     SigningError,
+    body_digest,
     relaxed_body,
     sign,
     signed_headers,
@@ -311,6 +313,38 @@ def test_our_canonicalization_equals_dkimpys(message: bytes) -> None:
     selected = dkim.select_headers(Relaxed.canonicalize_headers(theirs_headers), list(names))
     assert data == b"".join(name + b":" + value for name, value in selected)
     assert relaxed_body(body) == Relaxed.canonicalize_body(theirs_body)
+    assert body_digest(message, len(message) - len(body)) == hashlib.sha256(relaxed_body(body)).digest()
+
+
+# Bodies as mail clients write them (words, single spaces: the fast path), and with what relaxed
+# canonicalization changes: tabs, runs of spaces, spaces at line ends, bare CRs, empty lines at the end.
+_WORDS = st.lists(st.sampled_from([b"a", b"Zz", b"0.", b"\xc3\xa9", b"<x@y>"]), min_size=1, max_size=4).map(b" ".join)
+_ODD = st.sampled_from([b"\t", b"  ", b" ", b"\r", b" \r", b"\r ", b"\t \t"])
+_LINE = st.one_of(
+    _WORDS,
+    st.just(b""),
+    st.tuples(st.sampled_from([b"", b" "]), _WORDS, _ODD, st.sampled_from([b"", b"x"])).map(b"".join),
+)
+_CLEAN_OR_NOT_BODY = st.tuples(
+    st.lists(_LINE, max_size=6).map(lambda lines: b"".join(line + b"\r\n" for line in lines)),
+    st.sampled_from([b"", b"\r\n", b"\r\n\r\n", b"\r\n\r\n\r\n", b"x", b"last ", b"\t", b" \r\n\r\n"]),
+).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from([b"", b"From: a@example.test\r\n\r\n", b"Subject:  two\tspaces \r\n\r\n"]),
+    _CLEAN_OR_NOT_BODY,
+)
+def test_fast_body_path_equals_the_general_one(prefix: bytes, body: bytes) -> None:
+    """body_digest's shortcut (hash in place, skip the regular expressions) changes nothing."""
+    message = prefix + body
+    # The shortcut is taken exactly when the body has no tab, no two spaces, no space before a CR,
+    # whatever the header holds.
+    clean = not (b"\t" in body or b"  " in body or b" \r" in body or b"\r " in body or b"\r\r" in body)
+    assert signing._clean(message, len(prefix)) == clean
+    assert body_digest(message, len(prefix)) == hashlib.sha256(relaxed_body(body)).digest()
+    assert body_digest(body) == hashlib.sha256(Relaxed.canonicalize_body(body)).digest()
 
 
 @settings(max_examples=100, deadline=None)
@@ -327,6 +361,7 @@ def test_what_verifiers_would_read_differently_is_not_signed() -> None:
     for bad, reason in (
         (b"From: a@example.test\nSubject: x\r\n\r\nbody\r\n", "bare CR or LF"),
         (b"From: a@example.test\r\nno colon here\r\n\r\nbody\r\n", "malformed header line"),
+        (b"From: a@example.test\r\nSubject\r\n\r\nbody\r\n", "malformed header line"),
         (b" folded: first\r\nFrom: a@example.test\r\n\r\nbody\r\n", "continuation line"),
         (b"Subject: no author\r\n\r\nbody\r\n", "no From header"),
         (b"From: a@example.test\r\n" + b"X: y\r\n" * 1001 + b"\r\nbody\r\n", "more than 1000 header fields"),
