@@ -137,6 +137,11 @@ def _check_guard_thresholds(key: str, value: Any) -> None:
             raise ConfigError(f"{key}.{name}", f"expected a whole number >= 1, got {number!r}")
 
 
+def _check_probability(key: str, value: Any) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(key, f"a probability is between 0 and 1, got {value}")
+
+
 # Production defaults. `init --dev` overrides the listen.* keys only.
 OPTIONS: tuple[Option, ...] = (
     Option(
@@ -285,8 +290,10 @@ OPTIONS: tuple[Option, ...] = (
         "inbound.disabled_checks",
         list,
         [],
-        'Checks not to run, from "spf", "dkim", "arc", "dmarc", "dnsbl", "uribl". Every check runs by default.',
-        validator=lambda key, value: _check_choices(key, value, ("spf", "dkim", "arc", "dmarc", "dnsbl", "uribl")),
+        'Checks not to run, from "spf", "dkim", "arc", "dmarc", "dnsbl", "uribl", "spam". Every check runs by default.',
+        validator=lambda key, value: _check_choices(
+            key, value, ("spf", "dkim", "arc", "dmarc", "dnsbl", "uribl", "spam")
+        ),
     ),
     Option(
         "inbound.actions",
@@ -672,6 +679,63 @@ OPTIONS: tuple[Option, ...] = (
         minimum=1,
     ),
     Option("log.level", str, "info", "Log level.", choices=("debug", "info", "warning", "error")),
+    # ---- spam classifier (checks/spam, docs/content.md) ----
+    Option(
+        "spam.model",
+        str,
+        "",
+        "The global spam model file; empty = the one shipped with Mailwarden (trained on the SpamAssassin public corpus).",
+    ),
+    Option(
+        "spam.spam_probability",
+        float,
+        0.9,
+        "Inbound mail the classifier gives at least this spam probability is spam (Junk, unless inbound.actions says otherwise).",
+        validator=_check_probability,
+    ),
+    Option(
+        "spam.unsure_probability",
+        float,
+        0.5,
+        "From this probability up to spam.spam_probability mail is unsure: it adds a score up to spam.unsure_max_score.",
+        validator=_check_probability,
+    ),
+    Option(
+        "spam.unsure_max_score",
+        float,
+        4.5,
+        "The most an unsure result adds to the verdict score (keep it under inbound.junk_score so it needs another signal).",
+        minimum=0,
+    ),
+    Option(
+        "spam.outbound_probability",
+        float,
+        0.99,
+        "Mail from an authenticated user is held as spam at or above this probability (global model only).",
+        validator=_check_probability,
+    ),
+    Option(
+        "spam.max_scan_bytes",
+        int,
+        262_144,
+        "The classifier reads at most this much of a message (and of each decoded part); training events keep as much.",
+        minimum=4096,
+    ),
+    Option(
+        "spam.learn_interval",
+        float,
+        5.0,
+        "Seconds between looks for new training events (Junk moves, quarantine releases) to learn from.",
+        minimum=0.05,
+    ),
+    Option("spam.learn_batch", int, 200, "Training events learned per round.", minimum=1),
+    Option(
+        "spam.user_model_cache_seconds",
+        float,
+        30.0,
+        "How long a worker keeps a user's personal model before reading it again (the learning worker drops it at once).",
+        minimum=0,
+    ),
 )
 
 _BY_KEY = {o.key: o for o in OPTIONS}

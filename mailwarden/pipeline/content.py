@@ -1,8 +1,9 @@
 """The content stage: checks that read the message itself, run on inbound and outbound mail alike.
 
-Today it holds the URI block list check (the domains the body links to).
-The spam classifier, attachment rules and milters (the content-filtering
-issue) join it as more `ContentCheck`s, and then run in both directions
+It holds the URI block list check (the domains the body links to) and the
+spam classifier (checks/spam; inbound it runs after the authentication
+checks, whose results are among its features). Attachment rules and milters
+(the content-filtering issue) join it as more `ContentCheck`s, and then run in both directions
 without any change to the SMTP or delivery code:
 
 * inbound, the data-stage verdict (pipeline/inbound.py) merges their results
@@ -46,6 +47,10 @@ class UriblCheck:
 class ContentStage:
     def __init__(self, checks: Sequence[ContentCheck] = ()) -> None:
         self.checks = tuple(checks)
+
+    def add(self, check: ContentCheck) -> None:
+        """One more check (the server adds the spam classifier, which needs storage, after building the stage)."""
+        self.checks += (check,)
 
     async def run(self, message: bytes, direction: str, disabled: frozenset[str] = frozenset()) -> list[CheckResult]:
         """Every enabled check's result, concurrently, in the order the checks were given."""
