@@ -607,7 +607,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     else:
         servers = [config_mod.parse_address("dns.servers", s) for s in cfg.get("dns.servers")] or None
     resolver = Resolver(servers, timeout=cfg.get("dns.timeout"))
-    envelope = InboundEnvelope(args.ip, args.helo, args.mail_from, tuple(args.rcpt))
+    # A recipient that is an account gets its personal spam model (an unknown one simply has none).
+    envelope = InboundEnvelope(args.ip, args.helo, args.mail_from, tuple(args.rcpt), tuple(args.rcpt))
     checks = inbound_checks(cfg)
     policy = checks.policy if checks else InboundPolicy(authserv_id=cfg.get("server.hostname"))
     if paths.database.exists():
@@ -615,8 +616,19 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         policy = dataclasses.replace(policy, local_domains=frozenset(domains))
 
     async def run() -> Any:
-        earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)
-        return await evaluate_message(message, envelope, resolver, policy, earlier)
+        from mailwarden.checks.spam.check import spam_check_from_config
+        from mailwarden.pipeline.inbound import inbound_content_stage
+
+        store = await open_store(paths) if paths.database.exists() else None
+        try:
+            content = inbound_content_stage(policy, resolver)
+            if "spam" not in policy.disabled:
+                content.add(spam_check_from_config(cfg, store))
+            earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)
+            return await evaluate_message(message, envelope, resolver, policy, earlier, content)
+        finally:
+            if store is not None:
+                await store.close()
 
     verdict, _ = asyncio.run(run())
     if args.json:
@@ -629,6 +641,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print("Checks:")
     for r in verdict.results:
         print(f"  {r.check:<6} {r.result:<10} {r.elapsed * 1000:7.1f} ms  {r.reason}")
+        if r.check == "spam" and r.details.get("top_features"):
+            top = ", ".join(f"{name} {weight:+g}" for name, weight in r.details["top_features"])
+            print(f"         ({r.details['model']} model; strongest features: {top})")
     if verdict.removed_forgeries:
         print(f"Removed {verdict.removed_forgeries} forged Authentication-Results claiming {policy.authserv_id}")
     print(verdict.header.decode("utf-8", "replace"), end="")

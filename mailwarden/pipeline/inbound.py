@@ -109,6 +109,7 @@ class Verdict:
                     "score": r.score,
                     "elapsed_ms": round(r.elapsed * 1000, 1),
                     "dns_lookups": r.dns_lookups,
+                    **({"details": r.details} if r.check == "spam" else {}),  # probability, top features
                 }
                 for r in self.results
             ],

@@ -26,6 +26,8 @@ from mailwarden.checks.result import Action, CheckResult
 from mailwarden.checks.spam import features as feat
 from mailwarden.checks.spam.model import Model, name_buckets, shipped_model_path, sigmoid
 
+# SpamAssassin's test string: any message carrying it is spam, so an administrator can test the setup.
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 SITE = ""  # the "user" whose delta applies to everyone: the site-wide adjustments (`spam train` without --user)
 
 
@@ -135,6 +137,9 @@ class SpamCheck:
         delta = await self.deltas.combined(user)
         named = name_buckets(found, self.model.bits)
         p = sigmoid(self.model.logit(list(named), delta))
+        gtube = GTUBE in message[: s.max_bytes]
+        if gtube:
+            p = 1.0
         result = self.classify(p, direction)
         score = 0.0
         action = Action.NONE
@@ -154,7 +159,7 @@ class SpamCheck:
         return CheckResult(
             check="spam",
             result=result,
-            reason=f"spam probability {p:.3f}",
+            reason="GTUBE test string" if gtube else f"spam probability {p:.3f}",
             action=action,
             score=score,
             details=details,

@@ -112,6 +112,33 @@ def auth_from_header(message: bytes, authserv_id: str) -> list[tuple[str, str]]:
     return []
 
 
+def strip_own_trace(message: bytes, hostname: str) -> bytes:
+    """A filed message as the classifier saw it at delivery: without the Return-Path, Received and
+    Authentication-Results fields our own server put on top (the checks run before they are added)."""
+    ours_by = b"by " + hostname.lower().encode("ascii", "replace")
+    ours_ar = hostname.lower().encode("ascii", "replace") + b";"
+    pos = 0
+    for _ in range(8):
+        end = message.find(b"\n", pos)
+        while end >= 0 and message[end + 1 : end + 2] in (b" ", b"\t"):  # the field's folded lines
+            end = message.find(b"\n", end + 1)
+        if end < 0:
+            break
+        field = message[pos : end + 1]
+        name, _, value = field.partition(b":")
+        name = name.strip().lower()
+        flat = b" ".join(value.lower().split())
+        if (
+            name == b"return-path"
+            or (name == b"received" and ours_by in flat)
+            or (name == b"authentication-results" and flat.startswith(ours_ar))
+        ):
+            pos = end + 1
+        else:
+            break
+    return message[pos:]
+
+
 def _split(data: bytes) -> tuple[bytes, bytes]:
     for sep in (b"\r\n\r\n", b"\n\n"):
         end = data.find(sep)

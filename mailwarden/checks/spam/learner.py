@@ -79,6 +79,10 @@ class SpamLearner:
 
 
 def learn_buckets(model: Model, message: bytes, authserv_id: str, max_bytes: int = feat.MAX_BYTES) -> list[int]:
-    """The buckets a stored message had when it arrived (auth features from our own header)."""
-    auth = feat.auth_from_header(message, authserv_id) if authserv_id else []
+    """The buckets a stored message had when it arrived: our own trace fields (authserv-id = our
+    hostname) removed, the auth features read back from our Authentication-Results."""
+    auth: list[tuple[str, str]] = []
+    if authserv_id:
+        auth = feat.auth_from_header(message, authserv_id)
+        message = feat.strip_own_trace(message, authserv_id)
     return hash_features(feat.extract(message, auth, max_bytes), model.bits)
