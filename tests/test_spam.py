@@ -276,6 +276,12 @@ def test_training_events_and_weights_in_storage(tmp_path: Path) -> None:
             await store.spam_set_weights("bob@example.test", {9: 0.0, 11: 2.0})
             assert await store.spam_user_weights("bob@example.test") == {7: 0.5, 11: 2.0}
             assert await store.spam_user_weights("") == {}
+            # Deleting the account deletes its training mail and its model.
+            await store.add_domain("example.test")
+            await store.add_account("bob@example.test", "x")
+            await store.delete_account("bob@example.test")
+            assert await store.pending_training_events(10) == []
+            assert await store.spam_user_weights("bob@example.test") == {}
         finally:
             await store.close()
 

@@ -384,6 +384,8 @@ class SqlStore:
             conn.execute(delete(t.messages).where(t.messages.c.account_id == account_id))
             conn.execute(delete(t.mailboxes).where(t.mailboxes.c.account_id == account_id))
             conn.execute(delete(t.app_passwords).where(t.app_passwords.c.account == account_id))
+            conn.execute(delete(t.training_events).where(t.training_events.c.user == address))  # their mail
+            conn.execute(delete(t.spam_weights).where(t.spam_weights.c.user == address))
             conn.execute(delete(t.accounts).where(t.accounts.c.id == account_id))
             self._bump(conn)
             return self._delete_inline(conn, blobs)

@@ -48,6 +48,7 @@ _WORD_HEADERS = {
     b"precedence": b"prec:",
     b"organization": b"org:",
 }
+_NUMBERS_ARE_NOISE = frozenset({b"received", b"message-id", b"x-mailer", b"user-agent"})
 # Never features: verdicts written by other filters (or forged by the sender) and our own results.
 _IGNORED_PREFIXES = (b"x-spam", b"authentication-results", b"x-mailwarden", b"arc-", b"x-virus")
 
@@ -182,7 +183,10 @@ def _header_features(head: bytes, out: set[bytes]) -> None:
         if b"=?" in value:
             value = _decode_words(value, out)
         lower = value.lower()
+        noisy = name in _NUMBERS_ARE_NOISE
         for word in _WORD.findall(lower):
+            if noisy and word.isdigit():  # times, dates, address octets, queue ids: they identify nothing
+                continue
             out.add(prefix + word)
         if name == b"subject":
             letters = [c for c in value if 65 <= c <= 90 or 97 <= c <= 122]

@@ -139,10 +139,11 @@ def train(
     examples: Sequence[tuple[Sequence[int], int]],
     bits: int = DEFAULT_BITS,
     epochs: int = 6,
-    rate: float = 0.4,
-    l2: float = 1e-6,
+    rate: float = 0.2,
+    l2: float = 1e-5,
     seed: int = 1,
     progress: object = None,
+    ham_weight: float = 1.0,
 ) -> Model:
     """A global model from (buckets, label) pairs, label 1 for spam: deterministic for a given input."""
     model = Model.empty(bits)
@@ -157,6 +158,8 @@ def train(
             buckets, y = examples[k]
             z = bias + sum(w[h] for h in buckets)
             g = sigmoid(z) - y
+            if not y:
+                g *= ham_weight  # a ham called spam costs more than a spam let through
             bias_g2 += g * g
             bias -= rate * g / math.sqrt(bias_g2)
             gg = g * g
