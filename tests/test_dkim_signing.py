@@ -209,6 +209,8 @@ def test_dkim_rotate_prints_what_to_publish_and_what_to_remove(server_factory) -
 
 
 def test_schema_3_database_gains_retire_at_in_place(tmp_path: Path) -> None:
+    from mailwarden.storage.schema import SCHEMA_VERSION
+
     async def make() -> None:
         store = await SqlStore.open_sqlite(tmp_path / "db.sqlite", tmp_path / "blobs")
         await store.add_domain("example.test")
@@ -231,7 +233,7 @@ def test_schema_3_database_gains_retire_at_in_place(tmp_path: Path) -> None:
 
     assert asyncio.run(reopen()) == ["active", "active", "retiring", "retiring"]
     with sqlite3.connect(tmp_path / "db.sqlite") as db:
-        assert db.execute("SELECT version FROM schema_version").fetchone() == (4,)
+        assert db.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)  # the current one
 
 
 # ---- OpenDKIM ---------------------------------------------------------------------
