@@ -167,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the verdict as JSON")
     sp.add_argument("--no-milters", action="store_true", help="skip the configured inbound milters")
 
+    spm = sub.add_parser("spam", help="the spam classifier").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
+    sp = cmd(spm, "train", cmd_spam_train, "teach the classifier that every message file under DIR is spam or ham")
+    sp.add_argument("folder", metavar="DIR")
+    sp.add_argument("--label", required=True, choices=("spam", "ham"))
+    sp.add_argument("--user", help="train this account's personal model (default: the site-wide model)")
+    sp = cmd(spm, "eval", cmd_spam_eval, "classify labelled message files and print accuracy, F1, ham FP rate, msgs/s")
+    sp.add_argument("folder", metavar="DIR")
+    sp.add_argument("--labels", required=True, metavar="CSV", help="path,label[,group] rows (label spam or ham)")
+    sp.add_argument("--user", help="add this account's personal model")
+    sp.add_argument(
+        "--held-out", action="store_true", help="only the held-out fifth of the files (the part the model never saw)"
+    )
+
     que = sub.add_parser("queue", help="outbound queue").add_subparsers(dest="sub", required=True, parser_class=_Parser)
     cmd(que, "list", cmd_queue_list, "list queued recipients")
     cmd(que, "show", cmd_queue_show, "show a queued message").add_argument("queue_id")
@@ -699,7 +714,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     else:
         servers = [config_mod.parse_address("dns.servers", s) for s in cfg.get("dns.servers")] or None
     resolver = Resolver(servers, timeout=cfg.get("dns.timeout"))
-    envelope = InboundEnvelope(args.ip, args.helo, args.mail_from, tuple(args.rcpt))
+    # A recipient that is an account gets its personal spam model (an unknown one simply has none).
+    envelope = InboundEnvelope(args.ip, args.helo, args.mail_from, tuple(args.rcpt), tuple(args.rcpt))
     checks = inbound_checks(cfg)
     policy = checks.policy if checks else InboundPolicy(authserv_id=cfg.get("server.hostname"))
     if paths.database.exists():
@@ -710,12 +726,23 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         policy = dataclasses.replace(policy, local_domains=frozenset(domains), local_names=names)
 
     async def run() -> Any:
-        earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)
-        checked = message
-        if not args.no_milters:
-            checked, milter_results = await _inspect_milters(cfg, args, message)
-            earlier += milter_results
-        return await evaluate_message(checked, envelope, resolver, policy, earlier)
+        from mailwarden.checks.spam.check import spam_check_from_config
+        from mailwarden.pipeline.inbound import inbound_content_stage
+
+        store = await open_store(paths) if paths.database.exists() else None
+        try:
+            content = inbound_content_stage(policy, resolver)
+            if "spam" not in policy.disabled:
+                content.add(spam_check_from_config(cfg, store))
+            earlier = await evaluate_reputation(args.ip, args.helo, args.mail_from, policy, resolver)
+            checked = message
+            if not args.no_milters:
+                checked, milter_results = await _inspect_milters(cfg, args, message)
+                earlier += milter_results
+            return await evaluate_message(checked, envelope, resolver, policy, earlier, content)
+        finally:
+            if store is not None:
+                await store.close()
 
     verdict, _ = asyncio.run(run())
     if args.json:
@@ -728,6 +755,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print("Checks:")
     for r in verdict.results:
         print(f"  {r.check:<6} {r.result:<10} {r.elapsed * 1000:7.1f} ms  {r.reason}")
+        if r.check == "spam" and r.details.get("top_features"):
+            top = ", ".join(f"{name} {weight:+g}" for name, weight in r.details["top_features"])
+            print(f"         ({r.details['model']} model; strongest features: {top})")
     for name in verdict.stripped:
         print(f"Stripped attachment: {name}")
     if verdict.removed_forgeries:
@@ -851,6 +881,97 @@ async def _inspect_milters(cfg: config_mod.Config, args: argparse.Namespace, mes
         return message, []
     ctx = MilterContext(cfg.get("server.hostname"), "mx", args.ip, 0, args.helo, new_queue_id())
     return await run_offline(specs, ctx, args.mail_from, args.rcpt, message, cfg.get("smtp.max_message_size"))
+
+
+# ---- the spam classifier (checks/spam) ----------------------------------------
+
+
+def _spam_config(args: argparse.Namespace) -> tuple[InstancePaths, config_mod.Config]:
+    """The instance's config, or the defaults when there is no instance (eval of the shipped model)."""
+    paths = _paths(args)
+    if paths.config.exists():
+        return paths, config_mod.load(paths.config)
+    return paths, config_mod.validate({}, paths.root)
+
+
+def cmd_spam_train(args: argparse.Namespace) -> None:
+    from mailwarden.checks.spam.check import SITE, spam_check_from_config
+    from mailwarden.checks.spam.corpus import message_files, read_message
+    from mailwarden.checks.spam.learner import learn_buckets
+    from mailwarden.checks.spam.model import learn_one
+
+    paths, cfg = _spam_config(args)
+    _load_config(paths)  # training writes to an instance
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise CliError(f"{folder} is not a folder")
+    files = list(message_files(folder))
+    if not files:
+        raise CliError(f"no message files under {folder}")
+    user = args.user or SITE
+    label = 1 if args.label == "spam" else 0
+
+    async def work(store: SqlStore) -> tuple[int, int]:
+        if user and await store.get_account(user) is None:
+            raise CliError(f"no such account {user}")
+        check = spam_check_from_config(cfg, store)
+        delta = await store.spam_user_weights(user)
+        touched: set[int] = set()
+        moved = 0
+        for path in files:
+            buckets = learn_buckets(check.model, read_message(path), "", cfg.get("spam.max_scan_bytes"))
+            if learn_one(check.model, buckets, label, delta):
+                moved += 1
+                touched.update(buckets)
+        await store.spam_set_weights(user, {b: delta.get(b, 0.0) for b in touched})
+        return moved, len(touched)
+
+    moved, buckets = _with_store(args, work)
+    who = f"{args.user}'s model" if args.user else "the site-wide model"
+    print(f"trained {who} on {len(files)} messages as {args.label}: {moved} changed it ({buckets} weights)")
+
+
+def cmd_spam_eval(args: argparse.Namespace) -> None:
+    from mailwarden.checks.spam.check import spam_check_from_config
+    from mailwarden.checks.spam.corpus import held_out, message_files, read_labels
+    from mailwarden.checks.spam.evaluate import evaluate
+
+    paths, cfg = _spam_config(args)
+    folder = Path(args.folder)
+    try:
+        labelled = read_labels(Path(args.labels))
+    except (OSError, ValueError, KeyError) as exc:
+        raise CliError(f"cannot read labels {args.labels}: {exc}") from None
+    by_path = {item.path.resolve(): item for item in labelled}
+    by_name = {item.path.name: item for item in labelled}
+    items, unlabelled = [], 0
+    for path in message_files(folder):
+        item = by_path.get(path.resolve()) or by_name.get(path.name)
+        if item is None:
+            unlabelled += 1
+            continue
+        if args.held_out and not held_out(path.name):
+            continue
+        items.append(type(item)(path, item.spam))
+    if not items:
+        raise CliError(f"no labelled message files under {folder}")
+
+    async def run(store: SqlStore | None) -> Any:
+        check = spam_check_from_config(cfg, store)
+        return await evaluate(check, items, users=(args.user,) if args.user else ())
+
+    if paths.database.exists():
+        scores = _with_store(args, run)
+    else:
+        if args.user:
+            raise CliError(f"no instance at {paths.root}: --user needs one")
+        scores = asyncio.run(run(None))
+    for line in scores.lines():
+        print(line)
+    if unlabelled:
+        print(f"skipped       {unlabelled} files without a label")
+    for error in scores.errors:
+        print(f"error         {error}")
 
 
 # ---- the connection guard (security/guard.py, security/bans.py) -------------

@@ -162,6 +162,11 @@ def _check_guard_thresholds(key: str, value: Any) -> None:
             raise ConfigError(f"{key}.{name}", f"expected a whole number >= 1, got {number!r}")
 
 
+def _check_probability(key: str, value: Any) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(key, f"a probability is between 0 and 1, got {value}")
+
+
 # Production defaults. `init --dev` overrides the listen.* keys only.
 OPTIONS: tuple[Option, ...] = (
     Option(
@@ -310,9 +315,9 @@ OPTIONS: tuple[Option, ...] = (
         "inbound.disabled_checks",
         list,
         [],
-        'Checks not to run, from "spf", "dkim", "arc", "dmarc", "dnsbl", "uribl", "rules". Every check runs by default.',
+        'Checks not to run, from "spf", "dkim", "arc", "dmarc", "dnsbl", "uribl", "rules", "spam". Every check runs by default.',
         validator=lambda key, value: _check_choices(
-            key, value, ("spf", "dkim", "arc", "dmarc", "dnsbl", "uribl", "rules")
+            key, value, ("spf", "dkim", "arc", "dmarc", "dnsbl", "uribl", "rules", "spam")
         ),
     ),
     Option(
@@ -780,6 +785,63 @@ OPTIONS: tuple[Option, ...] = (
         [],
         'Content filters spoken to over the milter protocol, in this order, e.g. [{ name = "rspamd", address = "inet:127.0.0.1:11332" }]. Keys: name, address (inet:HOST:PORT or unix:/PATH), direction (inbound, outbound, both; default inbound), failure_mode (tempfail or accept; default tempfail), connect_timeout (10), timeout (10, each reply), eom_timeout (60, end of message). See docs/content.md.',
         validator=_check_milters,
+    ),
+    # ---- spam classifier (checks/spam, docs/content.md) ----
+    Option(
+        "spam.model",
+        str,
+        "",
+        "The global spam model file; empty = the one shipped with Mailwarden (trained on the SpamAssassin public corpus).",
+    ),
+    Option(
+        "spam.spam_probability",
+        float,
+        0.9,
+        "Inbound mail the classifier gives at least this spam probability is spam (Junk, unless inbound.actions says otherwise).",
+        validator=_check_probability,
+    ),
+    Option(
+        "spam.unsure_probability",
+        float,
+        0.5,
+        "From this probability up to spam.spam_probability mail is unsure: it adds a score up to spam.unsure_max_score.",
+        validator=_check_probability,
+    ),
+    Option(
+        "spam.unsure_max_score",
+        float,
+        4.5,
+        "The most an unsure result adds to the verdict score (keep it under inbound.junk_score so it needs another signal).",
+        minimum=0,
+    ),
+    Option(
+        "spam.outbound_probability",
+        float,
+        0.99,
+        "Mail from an authenticated user is held as spam at or above this probability (global model only).",
+        validator=_check_probability,
+    ),
+    Option(
+        "spam.max_scan_bytes",
+        int,
+        262_144,
+        "The classifier reads at most this much of a message (and of each decoded part); training events keep as much.",
+        minimum=4096,
+    ),
+    Option(
+        "spam.learn_interval",
+        float,
+        5.0,
+        "Seconds between looks for new training events (Junk moves, quarantine releases) to learn from.",
+        minimum=0.05,
+    ),
+    Option("spam.learn_batch", int, 200, "Training events learned per round.", minimum=1),
+    Option(
+        "spam.user_model_cache_seconds",
+        float,
+        30.0,
+        "How long a worker keeps a user's personal model before reading it again (the learning worker drops it at once).",
+        minimum=0,
     ),
 )
 

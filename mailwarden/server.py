@@ -213,6 +213,7 @@ class Server:
     queue_runner: QueueRunner | None = field(default=None, init=False)
     transport: Any = field(default=None, init=False)  # outbound/transports.py
     imap_hub: MailboxHub | None = field(default=None, init=False)  # wakes IMAP sessions (IDLE) on new mail
+    _spam_learning: asyncio.Task[None] | None = field(default=None, init=False)  # checks/spam/learner.py
 
     async def start(self) -> None:
         cfg = self.config
@@ -240,6 +241,7 @@ class Server:
             )
             # Build the public suffix list now, not in the first session that needs it.
             await asyncio.to_thread(public_suffix_list)
+            await self._start_spam(inbound)
         services = SmtpServices(
             cfg,
             self.store,
@@ -300,6 +302,27 @@ class Server:
         self._update_gauges()
         if standalone:
             write_listeners_file(self.paths, self.bound)
+
+    async def _start_spam(self, inbound: InboundChecks) -> None:
+        """The spam classifier joins the content stage; worker 0 learns from the Junk training events."""
+        if "spam" in inbound.policy.disabled or inbound.content is None:
+            return
+        from mailwarden.checks.spam.check import spam_check_from_config
+        from mailwarden.checks.spam.learner import SpamLearner
+
+        check = await asyncio.to_thread(spam_check_from_config, self.config, self.store)
+        inbound.content.add(check)
+        if self.worker == 0:
+            learner = SpamLearner(
+                self.store,
+                check.model,
+                check.deltas,
+                inbound.policy.authserv_id,
+                interval=self.config.get("spam.learn_interval"),
+                batch=self.config.get("spam.learn_batch"),
+                max_bytes=self.config.get("spam.max_scan_bytes"),
+            )
+            self._spam_learning = asyncio.create_task(learner.run(), name="spam-learn")
 
     async def _start_guard(self) -> Guard:
         """The connection guard (security/guard.py), with the nftables set as its firewall hook when enabled."""
@@ -406,6 +429,8 @@ class Server:
             self._housekeeping.cancel()
         if self._digest is not None:
             self._digest.cancel()
+        if self._spam_learning is not None:
+            self._spam_learning.cancel()
         if getattr(self, "conn_guard", None) is not None:
             await self.conn_guard.stop()
         await self.filer.drained()

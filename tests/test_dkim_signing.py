@@ -212,6 +212,7 @@ def test_dkim_rotate_prints_what_to_publish_and_what_to_remove(server_factory) -
 
 
 def test_schema_3_database_gains_retire_at_in_place(tmp_path: Path) -> None:
+
     async def make() -> None:
         store = await SqlStore.open_sqlite(tmp_path / "db.sqlite", tmp_path / "blobs")
         await store.add_domain("example.test")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import imaplib
 import smtplib
+import sqlite3
 from email import message_from_bytes
 from email.message import EmailMessage
 from pathlib import Path
@@ -117,6 +118,10 @@ def test_quarantined_message_is_held_then_released_into_inbox(quarantining: Runn
     assert server.cli("quarantine", "release", qid)[0] == 1  # once only
     assert [r[2] for r in quarantine_rows(server, "--all")] == ["released"]
     assert imap_body(server, "INBOX").startswith(b"Return-Path: <billing@supplier.test>\r\n")
+    # The release is a training event: the spam classifier learns the message as ham for Bob.
+    with sqlite3.connect(server.paths.database) as db:
+        events = db.execute("SELECT user, label, source FROM training_events").fetchall()
+    assert events == [(BOB, "ham", "quarantine_release")]
 
 
 def test_delete_removes_a_held_message(quarantining: RunningServer) -> None:

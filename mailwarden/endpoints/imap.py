@@ -39,6 +39,7 @@ from typing import Any
 from mailwarden.config import Config
 from mailwarden.logs import log_event
 from mailwarden.metrics import Metrics
+from mailwarden.pipeline.junk_training import record_transfer
 from mailwarden.protocol.imap import formatter as fmt
 from mailwarden.protocol.imap.commands import (
     Bad,
@@ -1022,7 +1023,8 @@ class ImapSession(asyncio.Protocol):
         await self._sync(expunge=cmd.uid)
         seq, raw_dest = cmd.args
         dest = _mailbox_name(raw_dest)
-        if await self.services.store.imap_mailbox(self.user, dest) is None:
+        dest_box = await self.services.store.imap_mailbox(self.user, dest)
+        if dest_box is None:
             raise ImapError(f"no mailbox {dest}", "TRYCREATE")
         uids = self._resolve(seq, cmd.uid)
         if not uids:
@@ -1031,6 +1033,7 @@ class ImapSession(asyncio.Protocol):
             sel.box.id, uids, self.user, dest, move, self._default_quota()
         )
         self.services.hub.changed()
+        await record_transfer(self.services.store, self.user, sel.box, dest_box, dst, move)  # Junk: spam training
         code = f"COPYUID {validity} {compress_uids(src)} {compress_uids(dst)}" if src else None
         if move:
             if code:

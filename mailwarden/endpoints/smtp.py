@@ -915,7 +915,13 @@ class SmtpSession(SMTP):
         )
         verdict, checked = await evaluate_message(
             message,
-            InboundEnvelope(self.ip, self.session.host_name or "", sender, tuple(env.rcpt_tos)),  # type: ignore[union-attr]
+            InboundEnvelope(
+                self.ip,
+                self.session.host_name or "",  # type: ignore[union-attr]
+                sender,
+                tuple(env.rcpt_tos),
+                tuple(dict.fromkeys(a for res in self.resolutions for a in res.local)),
+            ),
             inbound.resolver,
             policy,
             self.early_results or (),

@@ -1,9 +1,10 @@
 """The content stage: checks that read the message itself, run on inbound and outbound mail alike.
 
 It holds the URI block list check (the domains the body links to) and the
-content rules (checks/rules.py: lookalikes, link text, attachments).
-The spam classifier, attachment rules and milters (the content-filtering
-issue) join it as more `ContentCheck`s, and then run in both directions
+content rules (checks/rules.py: lookalikes, link text, attachments) and the
+spam classifier (checks/spam; inbound it runs after the authentication
+checks, whose results are among its features). Milters run stage by stage
+(pipeline/milters.py). The checks here run in both directions
 without any change to the SMTP or delivery code:
 
 * inbound, the data-stage verdict (pipeline/inbound.py) merges their results
@@ -50,6 +51,10 @@ class UriblCheck:
 class ContentStage:
     def __init__(self, checks: Sequence[ContentCheck] = ()) -> None:
         self.checks = tuple(checks)
+
+    def add(self, check: ContentCheck) -> None:
+        """One more check (the server adds the spam classifier, which needs storage, after building the stage)."""
+        self.checks += (check,)
 
     async def run(self, message: bytes, direction: str, disabled: frozenset[str] = frozenset()) -> list[CheckResult]:
         """Every enabled check's results, concurrently, in the order the checks were given (lists flattened)."""

@@ -60,6 +60,7 @@ class InboundEnvelope:
     helo: str
     mail_from: str  # "" for the null reverse-path
     rcpts: tuple[str, ...] = ()
+    accounts: tuple[str, ...] = ()  # the local accounts the recipients resolve to (personal spam models)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class InboundPolicy:
     max_body_lookups: int = 20
     disabled: frozenset[str] = (
         frozenset()
-    )  # checks not to run: "spf", "dkim", "arc", "dmarc", "uribl", "dnsbl", "rules"
+    )  # checks not to run: "spf", "dkim", "arc", "dmarc", "uribl", "dnsbl", "rules", "spam"
     local_names: frozenset[str] = frozenset()  # normalised names of local users and content.protected_names
     rules: RulesConfig | None = None  # None: the built-in defaults (checks/rules.py)
 
@@ -126,6 +127,7 @@ class Verdict:
                     "score": r.score,
                     "elapsed_ms": round(r.elapsed * 1000, 1),
                     "dns_lookups": r.dns_lookups,
+                    **({"details": r.details} if r.check == "spam" else {}),  # probability, top features
                 }
                 for r in self.results
             ],
@@ -162,6 +164,8 @@ async def evaluate_message(
     off = policy.disabled
     if content is None:
         content = inbound_content_stage(policy, resolver)
+    # Checks that read the authentication results (the spam classifier) run after them.
+    late = [c for c in content.checks if getattr(c, "uses_auth", False) and c.name not in off]
     spf, dkim, arc, content_results = await eager.gather(
         _maybe(
             "spf",
@@ -174,7 +178,7 @@ async def evaluate_message(
             off,
             evaluate_arc(cleaned, resolver, trusted_sealers=policy.trusted_arc_sealers, remote_ip=envelope.ip),
         ),
-        content.run(cleaned, "inbound", off),
+        content.run(cleaned, "inbound", off | {c.name for c in late}),
     )
     results += [r for r in (spf, dkim, arc) if r.result != "off"]
     results += content_results
@@ -187,6 +191,8 @@ async def evaluate_message(
         dkim_identities = [DkimIdentity(result, domain) for result, domain in dkim.details.get("results", [])]
         dmarc = await evaluate_dmarc(author.domain, spf_identity, dkim_identities, resolver)
         results.append(dmarc)
+    for check in late:
+        results.append(await check.check(cleaned, "inbound", auth=tuple(results), users=envelope.accounts))  # type: ignore[call-arg]
     verdict = merge(results, policy)
     verdict.removed_forgeries = removed
     cleaned = _strip_attachments(cleaned, verdict, policy)

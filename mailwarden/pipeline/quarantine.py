@@ -62,7 +62,8 @@ async def release(store: Any, entry_id: int) -> QuarantineEntry:
     body = await store.read_blob(entry.blob)
     if not await store.release_quarantined(entry_id, release_batch(entry, body)):
         raise QuarantineError(f"no held message {entry_id}")
-    # lead: train ham here (for user in entry.users: store.add_training_event(user, "ham", "quarantine_release", body))
+    for user in entry.users:  # a release says the filter was wrong: the spam classifier learns it as ham
+        await store.add_training_event(user, "ham", "quarantine_release", body)
     log_event("quarantine_released", id=entry_id, qid=entry.queue_id, users=",".join(entry.users))
     return entry
 

@@ -16,9 +16,9 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 6  # 2: blob_data (small bodies in the database); 3: dkim_keys; 4: dkim_keys.retire_at;
+SCHEMA_VERSION = 7  # 2: blob_data (small bodies in the database); 3: dkim_keys; 4: dkim_keys.retire_at;
 # 5: storage quotas (domains.quota_bytes, accounts.quota_bytes and accounts.used_bytes, recounted on upgrade);
-# 6: quarantine
+# 6: quarantine; 7: training_events, spam_weights (tables only: create_all makes them)
 
 metadata = MetaData()
 
@@ -301,4 +301,30 @@ quarantine = Table(
     Column("state", String(16), nullable=False, default="held"),  # held, released, deleted
     Column("notified", Integer, nullable=False, default=0),  # in a digest already
     Column("decided", Float),  # when it was released or deleted
+)
+
+# Spam classifier training (checks/spam): a message a user moved into Junk (spam) or out of it
+# (ham), or a quarantine release (ham). The learner applies pending rows to the user's model and
+# sets `processed`. `message` is the message as filed, cut to spam.max_scan_bytes.
+training_events = Table(
+    "training_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user", String(320), nullable=False),
+    Column("label", String(8), nullable=False),  # "spam" or "ham"
+    Column("source", String(32), nullable=False),  # imap_move, imap_copy, quarantine_release, cli, ...
+    Column("message", LargeBinary, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("processed", Float),  # NULL while pending
+    Index("ix_training_pending", "processed", "id"),
+)
+
+# Per-user spam model deltas over the global model: one row per hashed feature bucket the
+# user's training moved (user "" holds the site-wide deltas that apply to everyone).
+spam_weights = Table(
+    "spam_weights",
+    metadata,
+    Column("user", String(320), primary_key=True),
+    Column("bucket", Integer, primary_key=True),
+    Column("weight", Float, nullable=False),
 )

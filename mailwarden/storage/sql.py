@@ -391,6 +391,8 @@ class SqlStore:
             conn.execute(delete(t.messages).where(t.messages.c.account_id == account_id))
             conn.execute(delete(t.mailboxes).where(t.mailboxes.c.account_id == account_id))
             conn.execute(delete(t.app_passwords).where(t.app_passwords.c.account == account_id))
+            conn.execute(delete(t.training_events).where(t.training_events.c.user == address))  # their mail
+            conn.execute(delete(t.spam_weights).where(t.spam_weights.c.user == address))
             conn.execute(delete(t.accounts).where(t.accounts.c.id == account_id))
             self._bump(conn)
             return self._delete_inline(conn, blobs)
@@ -1879,6 +1881,121 @@ class SqlStore:
                 conn.execute(update(t.quarantine).where(t.quarantine.c.id.in_(ids[i : i + 500])).values(notified=1))
 
         await self._tx(work)
+
+    # ---- spam classifier training (checks/spam) ------------------------------
+
+    async def add_training_event(self, user: str, label: str, source: str, message: bytes) -> None:
+        """Record that `user` says `message` is spam or ham (a Junk move, a quarantine release...)."""
+        if label not in ("spam", "ham"):
+            raise StorageError(f"training label must be spam or ham, not {label!r}")
+        row = {
+            "user": normalize_address(user) if user else "",
+            "label": label,
+            "source": source[:32],
+            "message": bytes(message[:TRAINING_MESSAGE_MAX]),
+            "created": time.time(),
+        }
+        await self._tx(lambda conn: conn.execute(insert(t.training_events).values(**row)))
+
+    async def add_training_from_mailbox(
+        self, account: str, mailbox: str, uids: Sequence[int], label: str, source: str
+    ) -> int:
+        """One training event per message `uids` of `account`'s `mailbox` (IMAP Junk moves); returns how many."""
+        if label not in ("spam", "ham"):
+            raise StorageError(f"training label must be spam or ham, not {label!r}")
+        account = normalize_address(account)
+
+        def work(conn: Connection) -> int:
+            box = self._mailbox_row(conn, account, mailbox)
+            wanted = sorted(set(uids))
+            rows = []
+            now = time.time()
+            for i in range(0, len(wanted), 500):
+                for r in conn.execute(
+                    select(t.messages.c.blob).where(
+                        t.messages.c.mailbox_id == box.id, t.messages.c.uid.in_(wanted[i : i + 500])
+                    )
+                ):
+                    data = self._read_blob(conn, r.blob)[:TRAINING_MESSAGE_MAX]
+                    rows.append({"user": account, "label": label, "source": source, "message": data, "created": now})
+            if rows:
+                conn.execute(insert(t.training_events), rows)
+            return len(rows)
+
+        return await self._tx(work)
+
+    async def pending_training_events(self, limit: int) -> list[TrainingEvent]:
+        """The oldest events not yet learned from."""
+        c = t.training_events.c
+        query = (
+            select(c.id, c.user, c.label, c.source, c.message, c.created)
+            .where(c.processed.is_(None))
+            .order_by(c.id)
+            .limit(limit)
+        )
+        return await self._read(lambda conn: [TrainingEvent(*r) for r in conn.execute(query)])
+
+    async def finish_training_events(self, ids: Sequence[int], now: float, keep_seconds: float = 30 * 86400) -> None:
+        """Mark events learned; processed events older than `keep_seconds` are deleted."""
+        c = t.training_events.c
+
+        def work(conn: Connection) -> None:
+            for i in range(0, len(ids), 500):
+                conn.execute(update(t.training_events).where(c.id.in_(ids[i : i + 500])).values(processed=now))
+            conn.execute(delete(t.training_events).where(c.processed.is_not(None), c.processed < now - keep_seconds))
+
+        await self._tx(work)
+
+    async def training_event_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(user, label) -> (pending, processed), for `spam status` and tests."""
+        c = t.training_events.c
+
+        def work(conn: Connection) -> dict[tuple[str, str], tuple[int, int]]:
+            out: dict[tuple[str, str], tuple[int, int]] = {}
+            pending = func.sum(case((c.processed.is_(None), 1), else_=0))
+            for user, label, p, n in conn.execute(
+                select(c.user, c.label, pending, func.count()).group_by(c.user, c.label)
+            ):
+                out[(user, label)] = (int(p or 0), int(n) - int(p or 0))
+            return out
+
+        return await self._read(work)
+
+    async def spam_user_weights(self, user: str) -> dict[int, float]:
+        """A user's spam model delta (user "" is the site's): bucket -> weight."""
+        c = t.spam_weights.c
+        user = normalize_address(user) if user else ""
+        return await self._read(
+            lambda conn: {r[0]: r[1] for r in conn.execute(select(c.bucket, c.weight).where(c.user == user))}
+        )
+
+    async def spam_set_weights(self, user: str, weights: dict[int, float]) -> None:
+        """Replace these buckets of a user's delta (a weight of 0 deletes the row)."""
+        c = t.spam_weights.c
+        user = normalize_address(user) if user else ""
+        buckets = sorted(weights)
+
+        def work(conn: Connection) -> None:
+            for i in range(0, len(buckets), 500):
+                chunk = buckets[i : i + 500]
+                conn.execute(delete(t.spam_weights).where(c.user == user, c.bucket.in_(chunk)))
+                rows = [{"user": user, "bucket": b, "weight": weights[b]} for b in chunk if weights[b]]
+                if rows:
+                    conn.execute(insert(t.spam_weights), rows)
+
+        await self._tx(work)
+
+
+class TrainingEvent(NamedTuple):
+    id: int
+    user: str
+    label: str  # "spam" or "ham"
+    source: str
+    message: bytes
+    created: float
+
+
+TRAINING_MESSAGE_MAX = 256 * 1024  # of a message kept for training (the classifier reads no more)
 
 
 class GuardBan(NamedTuple):
