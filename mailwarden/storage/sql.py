@@ -15,6 +15,7 @@ import asyncio
 import email.header
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
@@ -46,6 +47,7 @@ from mailwarden.storage.interfaces import (
 )
 
 _HEADER_SCAN_LIMIT = 64 * 1024
+IMAP_CACHED_MESSAGES = 100_000  # message rows (a few hundred bytes each) the IMAP list cache holds per process
 
 
 def data_of(items: list[Any], queue_id: str) -> bytes:
@@ -111,6 +113,10 @@ class SqlStore:
         self.blobs = blobs
         self._db = ThreadPoolExecutor(1, thread_name_prefix="db")
         self._directory: Directory | None = None
+        # IMAP message lists by mailbox id, with the `changes` count they were read at; used only on
+        # the database thread (imap_messages), least recently used first.
+        self._imap_lists: OrderedDict[int, tuple[int, int, tuple[MessageInfo, ...]]] = OrderedDict()
+        self._imap_listed = 0  # messages held in _imap_lists
         self._serial_conn: Any = None
 
     @classmethod
@@ -167,6 +173,9 @@ class SqlStore:
             t.metadata.create_all(conn)
             self._upgrade_queue_columns(conn)
             self._upgrade_columns(conn, "mailboxes", t.MAILBOX_UPGRADE_COLUMNS)
+            if conn.dialect.name == "sqlite":
+                for trigger in t.MAILBOX_CHANGE_TRIGGERS:
+                    conn.execute(text(trigger))
             version = conn.execute(select(t.schema_version.c.version)).scalar()
             if version is None:
                 conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION))
@@ -669,13 +678,34 @@ class SqlStore:
             box = conn.execute(select(t.mailboxes).where(t.mailboxes.c.id == mailbox_id)).first()
             if box is None:
                 return None, []
-            rows = conn.execute(
-                select(t.messages).where(t.messages.c.mailbox_id == mailbox_id).order_by(t.messages.c.uid)
-            )
-            msgs = [self._message_info(r) for r in rows]
-            return MailboxInfo(box.id, box.name, box.special_use, box.uidvalidity, box.uidnext, len(msgs)), msgs
+            msgs = self._imap_list(conn, box)
+            return MailboxInfo(box.id, box.name, box.special_use, box.uidvalidity, box.uidnext, len(msgs)), list(msgs)
 
         return await self._read(work)
+
+    def _imap_list(self, conn: Connection, box: Any) -> tuple[MessageInfo, ...]:
+        """A mailbox's messages by UID: the cached list while the mailbox's `changes` count is unchanged.
+
+        IMAP compares the selected mailbox with the store after nearly every command; reading one
+        mailbox row instead of every message row is what keeps that cheap. Triggers change the count
+        in the same transaction as any change to the messages, and this reads both in one transaction,
+        so a cached list is never older than the count it is filed under."""
+        key = (box.changes, box.uidvalidity)
+        cached = self._imap_lists.get(box.id)
+        if cached is not None and cached[:2] == key:
+            self._imap_lists.move_to_end(box.id)
+            return cached[2]
+        rows = conn.execute(select(t.messages).where(t.messages.c.mailbox_id == box.id).order_by(t.messages.c.uid))
+        msgs = tuple(self._message_info(r) for r in rows)
+        if cached is not None:
+            self._imap_listed -= len(cached[2])
+        self._imap_lists[box.id] = (*key, msgs)
+        self._imap_lists.move_to_end(box.id)
+        self._imap_listed += len(msgs)
+        while self._imap_listed > IMAP_CACHED_MESSAGES and len(self._imap_lists) > 1:
+            _, (_, _, dropped) = self._imap_lists.popitem(last=False)
+            self._imap_listed -= len(dropped)
+        return msgs
 
     @staticmethod
     def _new_uidvalidity(conn: Connection, account_id: int) -> int:
