@@ -588,6 +588,30 @@ class SqlStore:
         """A body by the name a mailbox or queue row holds (`MessageInfo.blob`, `QueueEntry.blob`)."""
         return await self._read(self._read_blob, stored)
 
+    async def read_blobs(self, stored: Sequence[str]) -> list[bytes | None]:
+        """Several bodies in one trip to the database thread (IMAP FETCH); None for one that is gone."""
+
+        def work(conn: Connection) -> list[bytes | None]:
+            inline = [name for name in stored if is_inline(name)]
+            found: dict[str, bytes] = {}
+            for i in range(0, len(inline), 500):
+                rows = conn.execute(
+                    select(t.blob_data.c.name, t.blob_data.c.data).where(t.blob_data.c.name.in_(inline[i : i + 500]))
+                )
+                found.update((r.name, bytes(r.data)) for r in rows)
+            out: list[bytes | None] = []
+            for name in stored:
+                if is_inline(name):
+                    out.append(found.get(name))
+                    continue
+                try:
+                    out.append(self.blobs.read(name))
+                except (OSError, StorageError):
+                    out.append(None)
+            return out
+
+        return await self._read(work)
+
     def _read_blob(self, conn: Connection, stored: str) -> bytes:
         if not is_inline(stored):
             return self.blobs.read(stored)
