@@ -245,6 +245,16 @@ def test_imap_message_list_cache_sees_every_change_from_another_process(tmp_path
         assert [m.uid for m in (await one.imap_messages(box.id))[1]] == [uid1, uid2]
         assert await two.imap_expunge(box.id) == [uid2]
         assert [m.uid for m in (await one.imap_messages(box.id))[1]] == [uid1]
+        # This store's own STORE and APPEND patch its cached list: the same as a fresh read elsewhere.
+        await one.imap_store_flags(box.id, [uid1], "+", ["\\Flagged"])
+        _, uid3 = await one.imap_append(account, "Box", b"Subject: d\r\n\r\nw\r\n", ["\\Seen"], 4.0)
+        patched = await one.imap_messages(box.id)
+        assert patched == await two.imap_messages(box.id)
+        assert [(m.uid, m.flags) for m in patched[1]] == [(uid1, ("\\Seen", "\\Flagged")), (uid3, ("\\Seen",))]
+        assert patched[0] is not None and patched[0].uidnext == uid3 + 1
+        await two.imap_store_flags(box.id, [uid3], "-", ["\\Seen"])  # then another store's change again
+        assert (await one.imap_messages(box.id))[1][1].flags == ()
+        assert await two.imap_expunge(box.id, [uid3]) == []  # not \Deleted: nothing goes
         # A delivery (the filer's path, not an imap_* method) is seen too.
         inbox = await one.imap_mailbox(account, "INBOX")
         assert inbox is not None

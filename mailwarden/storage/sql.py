@@ -732,6 +732,33 @@ class SqlStore:
         return msgs
 
     @staticmethod
+    def _imap_changes(conn: Connection, mailbox_id: int) -> int | None:
+        return conn.execute(select(t.mailboxes.c.changes).where(t.mailboxes.c.id == mailbox_id)).scalar()
+
+    def _imap_patch(
+        self,
+        conn: Connection,
+        mailbox_id: int,
+        before: int | None,
+        edit: Callable[[tuple[MessageInfo, ...]], tuple[MessageInfo, ...]],
+    ) -> None:
+        """Apply a writing transaction's own change to the cached list, at the end of that transaction.
+
+        Only when the cache holds the list as of `before` (the count when the transaction, which holds
+        the write lock, began): then `edit` of it is exactly the list at the count now. A session's
+        STORE or APPEND thus does not make its next command reread the whole mailbox. Should the
+        commit fail, the database keeps `before`, which no longer matches, and the list is reread."""
+        cached = self._imap_lists.get(mailbox_id)
+        if cached is None or cached[0] != before:
+            return
+        after = self._imap_changes(conn, mailbox_id)
+        if after is None:
+            return
+        msgs = edit(cached[2])
+        self._imap_listed += len(msgs) - len(cached[2])
+        self._imap_lists[mailbox_id] = (after, cached[1], msgs)
+
+    @staticmethod
     def _new_uidvalidity(conn: Connection, account_id: int) -> int:
         last = conn.execute(
             select(t.imap_uidvalidity.c.last).where(t.imap_uidvalidity.c.account_id == account_id)
@@ -826,6 +853,8 @@ class SqlStore:
         sessions never lose each other's changes); the resulting flags of every message found."""
 
         def work(conn: Connection) -> dict[int, tuple[str, ...]]:
+            before = self._imap_changes(conn, mailbox_id)
+            changed: set[int] = set()
             out: dict[int, tuple[str, ...]] = {}
             wanted = list(uids)
             for i in range(0, len(wanted), 500):
@@ -844,7 +873,15 @@ class SqlStore:
                         new = list(dict.fromkeys(flags))
                     if new != have:
                         conn.execute(update(t.messages).where(t.messages.c.id == r.id).values(flags=" ".join(new)))
+                        changed.add(r.uid)
                     out[r.uid] = tuple(new)
+            if changed:
+                self._imap_patch(
+                    conn,
+                    mailbox_id,
+                    before,
+                    lambda msgs: tuple(replace(m, flags=out[m.uid]) if m.uid in changed else m for m in msgs),
+                )
             return out
 
         return await self._tx(work)
@@ -912,10 +949,15 @@ class SqlStore:
             box = self._box_by_name(conn, self._account_or_fail(conn, account), name)
             if box is None:
                 raise StorageError(f"no mailbox {name!r}")
+            before = self._imap_changes(conn, box.id)
             inline: list[dict[str, Any]] = []
             uid = self._add_message(conn, box, data, flags, internal_date, inline)
             if inline:
                 conn.execute(insert(t.blob_data), inline)
+            if box.id in self._imap_lists:
+                row = conn.execute(select(t.messages).where(t.messages.c.mailbox_id == box.id, t.messages.c.uid == uid))
+                added = self._message_info(row.one())
+                self._imap_patch(conn, box.id, before, lambda msgs: (*msgs, added))
             return box.uidvalidity, uid
 
         return await self._tx(work)
