@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from mailwarden.security import passwords
 from mailwarden.security.passwords import PasswordHashing, PasswordPolicyError, check_policy
 
 
@@ -53,27 +54,47 @@ def test_no_more_hashes_run_at_once_than_configured() -> None:
     running = 0
     peak = 0
     lock = threading.Lock()
-    real = hashing._hasher
+    real = hashing._verify_sync
 
-    class CountingHasher:
-        """The real argon2 hasher, counting how many verifications overlap."""
-
-        def verify(self, h: str, pw: str) -> bool:
-            nonlocal running, peak
+    def counting(h: str | None, pw: str) -> bool:
+        """The real verification (libsodium or argon2-cffi), counting how many overlap."""
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return real(h, pw)
+        finally:
             with lock:
-                running += 1
-                peak = max(peak, running)
-            try:
-                return real.verify(h, pw)
-            finally:
-                with lock:
-                    running -= 1
+                running -= 1
 
     stored = hashing.hash_sync("violet kettle harbour 93")
-    hashing._hasher = CountingHasher()  # type: ignore[assignment]
+    hashing._verify_sync = counting  # type: ignore[method-assign]
 
     async def burst() -> list[bool]:
         return await asyncio.gather(*(hashing.verify(stored, f"wrong guess number {i}") for i in range(12)))
 
     assert asyncio.run(burst()) == [False] * 12
     assert 1 <= peak <= 2  # without the bound, the default thread pool runs up to 6 at once
+
+
+def test_libsodium_and_argon2_cffi_agree() -> None:
+    """Verification takes libsodium's argon2id for the hashes it supports; the answers are argon2-cffi's."""
+    from argon2 import PasswordHasher, Type
+
+    hashing = PasswordHashing(concurrency=1, time_cost=2, memory_kib=8192)
+    one_lane = hashing.hash_sync("violet kettle harbour 93")
+    assert passwords._SODIUM_HASH.fullmatch(one_lane)  # the fast path is taken for what hash() makes
+    two_lanes = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=2, type=Type.ID).hash(
+        "violet kettle harbour 93"
+    )
+    assert not passwords._SODIUM_HASH.fullmatch(two_lanes)  # libsodium has one lane only: argon2-cffi verifies it
+    for stored in (one_lane, two_lanes):
+        assert hashing._verify_sync(stored, "violet kettle harbour 93")
+        assert not hashing._verify_sync(stored, "violet kettle harbour 94")
+        assert not hashing._verify_sync(stored, "")
+        assert not hashing._verify_sync(stored[:-4] + "AAAA", "violet kettle harbour 93")  # a damaged tag
+    assert not hashing._verify_sync("$argon2id$v=19$m=8192,t=1,p=1$c2FsdA$", "x")  # malformed: refused, no crash
+    assert not hashing._verify_sync(None, "violet kettle harbour 93")
+    unicode = hashing.hash_sync("pässwörd ünïcode 💌")
+    assert hashing._verify_sync(unicode, "pässwörd ünïcode 💌") and not hashing._verify_sync(unicode, "passwort")

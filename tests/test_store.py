@@ -221,3 +221,54 @@ def test_a_missing_inline_body_is_a_storage_error(tmp_path: Path) -> None:
 
     with pytest.raises(StorageError, match="missing"):
         run(go())
+
+
+def test_imap_message_list_cache_sees_every_change_from_another_process(tmp_path: Path) -> None:
+    """imap_messages caches a mailbox's list by its change count; changes made through another
+    store (another worker process), by delivery, flags, expunge, or a re-created mailbox that
+    reuses the id, are all seen on the next call."""
+
+    async def go() -> None:
+        one = await _store(tmp_path)
+        two = await SqlStore.open_sqlite(tmp_path / "db.sqlite", tmp_path / "blobs")
+        account = "bob@example.test"
+        await one.imap_create_mailbox(account, "Box")
+        box = await one.imap_mailbox(account, "Box")
+        assert box is not None
+        _, uid1 = await two.imap_append(account, "Box", b"Subject: a\r\n\r\nx\r\n", [], 1.0)
+        info, msgs = await one.imap_messages(box.id)
+        assert info is not None and [m.uid for m in msgs] == [uid1] and msgs[0].flags == ()
+        assert (await one.imap_messages(box.id))[1] == msgs  # unchanged: the same answer again
+        await two.imap_store_flags(box.id, [uid1], "+", ["\\Seen"])
+        assert (await one.imap_messages(box.id))[1][0].flags == ("\\Seen",)
+        _, uid2 = await two.imap_append(account, "Box", b"Subject: b\r\n\r\ny\r\n", ["\\Deleted"], 2.0)
+        assert [m.uid for m in (await one.imap_messages(box.id))[1]] == [uid1, uid2]
+        assert await two.imap_expunge(box.id) == [uid2]
+        assert [m.uid for m in (await one.imap_messages(box.id))[1]] == [uid1]
+        # This store's own STORE and APPEND patch its cached list: the same as a fresh read elsewhere.
+        await one.imap_store_flags(box.id, [uid1], "+", ["\\Flagged"])
+        _, uid3 = await one.imap_append(account, "Box", b"Subject: d\r\n\r\nw\r\n", ["\\Seen"], 4.0)
+        patched = await one.imap_messages(box.id)
+        assert patched == await two.imap_messages(box.id)
+        assert [(m.uid, m.flags) for m in patched[1]] == [(uid1, ("\\Seen", "\\Flagged")), (uid3, ("\\Seen",))]
+        assert patched[0] is not None and patched[0].uidnext == uid3 + 1
+        await two.imap_store_flags(box.id, [uid3], "-", ["\\Seen"])  # then another store's change again
+        assert (await one.imap_messages(box.id))[1][1].flags == ()
+        assert await two.imap_expunge(box.id, [uid3]) == []  # not \Deleted: nothing goes
+        # A delivery (the filer's path, not an imap_* method) is seen too.
+        inbox = await one.imap_mailbox(account, "INBOX")
+        assert inbox is not None
+        assert (await one.imap_messages(inbox.id))[1] == []
+        await two.deliver(DeliveryBatch(local=[(LocalDelivery("Q1", account, account), b"Subject: c\r\n\r\nz\r\n")]))
+        assert len((await one.imap_messages(inbox.id))[1]) == 1
+        # Deleted, then created again under the same name (SQLite may reuse the id): never the old list.
+        await two.imap_delete_mailbox(account, "Box")
+        assert await one.imap_messages(box.id) == (None, [])
+        await two.imap_create_mailbox(account, "Box")
+        again = await two.imap_mailbox(account, "Box")
+        assert again is not None
+        assert (await one.imap_messages(again.id))[1] == []
+        await one.close()
+        await two.close()
+
+    run(go())

@@ -83,6 +83,7 @@ AUTH_TIMEOUT = 30 * 60.0  # RFC 3501 §5.4: at least 30 minutes
 IDLE_RECHECK = 5.0  # seconds between IDLE rechecks of the store (changes made by other processes)
 MAX_ERRORS = 20  # BAD responses before the connection is closed
 READ_HIGH_WATER = 256 * 1024
+FETCH_BATCH_BYTES = 4 * 1024 * 1024  # bodies a FETCH reads from the store in one call (one trip, bounded memory)
 SPECIAL_NAMES = frozenset(name for name, _ in SPECIAL_MAILBOXES)
 
 
@@ -937,15 +938,17 @@ class ImapSession(asyncio.Protocol):
                 for u, flags in changed.items():
                     sel.msgs[u] = _with_flags(sel.msgs[u], flags)
                 self.services.hub.changed()
+        bodies: dict[int, bytes | None] = {}
         for u in uids:
             m = sel.msgs.get(u)
             if m is None:
                 continue
             data = b""
             if needs_body:
-                try:
-                    data = await self.services.store.read_blob(m.blob)
-                except (StorageError, OSError):
+                if u not in bodies:
+                    bodies = await self._bodies(uids, u)
+                data = bodies.pop(u)  # type: ignore[assignment]
+                if data is None:
                     continue  # expunged meanwhile
             items: list[bytes] = []
             flags_sent = False
@@ -959,6 +962,23 @@ class ImapSession(asyncio.Protocol):
                 sel.flags[u] = m.flags
             await self.write(b"* %d FETCH (" % sel.seq_of(u) + b" ".join(items) + b")\r\n")
         return "FETCH completed"
+
+    async def _bodies(self, uids: list[int], first: int) -> dict[int, bytes | None]:
+        """Bodies of `uids` from `first` on, read in one store call: up to FETCH_BATCH_BYTES (at least one)."""
+        sel = self.selected
+        assert sel is not None
+        batch: list[MessageInfo] = []
+        size = 0
+        for u in uids[uids.index(first) :]:
+            m = sel.msgs.get(u)
+            if m is None:
+                continue
+            if batch and size + m.size > FETCH_BATCH_BYTES:
+                break
+            batch.append(m)
+            size += m.size
+        data = await self.services.store.read_blobs([m.blob for m in batch])
+        return {m.uid: d for m, d in zip(batch, data, strict=True)}
 
     def _fetch_item(self, a: FetchAtt, m: MessageInfo, data: bytes) -> bytes:
         name = a.name

@@ -76,10 +76,27 @@ mailboxes = Table(
     Column("uidnext", Integer, nullable=False),
     # IMAP SUBSCRIBE/LSUB (added after schema 4: SqlStore adds it to older databases, MAILBOX_UPGRADE_COLUMNS).
     Column("subscribed", Integer, nullable=False, default=1, server_default="1"),
+    # Changed by the MAILBOX_CHANGE_TRIGGERS on every insert, update or delete of the mailbox's
+    # messages, whichever process or code path makes it, so IMAP can tell with one row whether the
+    # message list it cached is current (added like `subscribed`).
+    Column("changes", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("account_id", "name"),
 )
 
-MAILBOX_UPGRADE_COLUMNS = (("subscribed", "INTEGER NOT NULL DEFAULT 1"),)
+MAILBOX_UPGRADE_COLUMNS = (("subscribed", "INTEGER NOT NULL DEFAULT 1"), ("changes", "INTEGER NOT NULL DEFAULT 0"))
+
+# SQLite triggers, created (IF NOT EXISTS) at every open. A new mailbox starts at a random count, so a
+# mailbox id SQLite reuses after a DELETE never matches a count cached for the mailbox that had it.
+MAILBOX_CHANGE_TRIGGERS = (
+    """CREATE TRIGGER IF NOT EXISTS mailbox_changes_new AFTER INSERT ON mailboxes BEGIN
+        UPDATE mailboxes SET changes = abs(random() % 4611686018427387904) WHERE id = NEW.id; END""",
+    """CREATE TRIGGER IF NOT EXISTS mailbox_changes_insert AFTER INSERT ON messages BEGIN
+        UPDATE mailboxes SET changes = changes + 1 WHERE id = NEW.mailbox_id; END""",
+    """CREATE TRIGGER IF NOT EXISTS mailbox_changes_update AFTER UPDATE ON messages BEGIN
+        UPDATE mailboxes SET changes = changes + 1 WHERE id IN (OLD.mailbox_id, NEW.mailbox_id); END""",
+    """CREATE TRIGGER IF NOT EXISTS mailbox_changes_delete AFTER DELETE ON messages BEGIN
+        UPDATE mailboxes SET changes = changes + 1 WHERE id = OLD.mailbox_id; END""",
+)
 
 # The last UIDVALIDITY given to any mailbox of an account, so a mailbox deleted and
 # created again (even within the same second) never reuses one (RFC 3501 §2.3.1.1).

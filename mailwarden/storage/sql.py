@@ -16,6 +16,7 @@ import email.header
 import json
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
@@ -49,6 +50,7 @@ from mailwarden.storage.interfaces import (
 from mailwarden.storage.quota import QuotaExceeded, QuotaState
 
 _HEADER_SCAN_LIMIT = 64 * 1024
+IMAP_CACHED_MESSAGES = 100_000  # message rows (a few hundred bytes each) the IMAP list cache holds per process
 
 
 def data_of(items: list[Any], queue_id: str) -> bytes:
@@ -114,6 +116,10 @@ class SqlStore:
         self.blobs = blobs
         self._db = ThreadPoolExecutor(1, thread_name_prefix="db")
         self._directory: Directory | None = None
+        # IMAP message lists by mailbox id, with the `changes` count they were read at; used only on
+        # the database thread (imap_messages), least recently used first.
+        self._imap_lists: OrderedDict[int, tuple[int, int, tuple[MessageInfo, ...]]] = OrderedDict()
+        self._imap_listed = 0  # messages held in _imap_lists
         self._serial_conn: Any = None
 
     @classmethod
@@ -172,6 +178,9 @@ class SqlStore:
             self._upgrade_columns(conn, "mailboxes", t.MAILBOX_UPGRADE_COLUMNS)
             self._upgrade_columns(conn, "accounts", t.ACCOUNT_UPGRADE_COLUMNS)
             self._upgrade_columns(conn, "domains", t.DOMAIN_UPGRADE_COLUMNS)
+            if conn.dialect.name == "sqlite":
+                for trigger in t.MAILBOX_CHANGE_TRIGGERS:
+                    conn.execute(text(trigger))
             version = conn.execute(select(t.schema_version.c.version)).scalar()
             if version is None:
                 conn.execute(insert(t.schema_version).values(version=t.SCHEMA_VERSION))
@@ -588,6 +597,30 @@ class SqlStore:
         """A body by the name a mailbox or queue row holds (`MessageInfo.blob`, `QueueEntry.blob`)."""
         return await self._read(self._read_blob, stored)
 
+    async def read_blobs(self, stored: Sequence[str]) -> list[bytes | None]:
+        """Several bodies in one trip to the database thread (IMAP FETCH); None for one that is gone."""
+
+        def work(conn: Connection) -> list[bytes | None]:
+            inline = [name for name in stored if is_inline(name)]
+            found: dict[str, bytes] = {}
+            for i in range(0, len(inline), 500):
+                rows = conn.execute(
+                    select(t.blob_data.c.name, t.blob_data.c.data).where(t.blob_data.c.name.in_(inline[i : i + 500]))
+                )
+                found.update((r.name, bytes(r.data)) for r in rows)
+            out: list[bytes | None] = []
+            for name in stored:
+                if is_inline(name):
+                    out.append(found.get(name))
+                    continue
+                try:
+                    out.append(self.blobs.read(name))
+                except (OSError, StorageError):
+                    out.append(None)
+            return out
+
+        return await self._read(work)
+
     def _read_blob(self, conn: Connection, stored: str) -> bytes:
         if not is_inline(stored):
             return self.blobs.read(stored)
@@ -678,13 +711,61 @@ class SqlStore:
             box = conn.execute(select(t.mailboxes).where(t.mailboxes.c.id == mailbox_id)).first()
             if box is None:
                 return None, []
-            rows = conn.execute(
-                select(t.messages).where(t.messages.c.mailbox_id == mailbox_id).order_by(t.messages.c.uid)
-            )
-            msgs = [self._message_info(r) for r in rows]
-            return MailboxInfo(box.id, box.name, box.special_use, box.uidvalidity, box.uidnext, len(msgs)), msgs
+            msgs = self._imap_list(conn, box)
+            return MailboxInfo(box.id, box.name, box.special_use, box.uidvalidity, box.uidnext, len(msgs)), list(msgs)
 
         return await self._read(work)
+
+    def _imap_list(self, conn: Connection, box: Any) -> tuple[MessageInfo, ...]:
+        """A mailbox's messages by UID: the cached list while the mailbox's `changes` count is unchanged.
+
+        IMAP compares the selected mailbox with the store after nearly every command; reading one
+        mailbox row instead of every message row is what keeps that cheap. Triggers change the count
+        in the same transaction as any change to the messages, and this reads both in one transaction,
+        so a cached list is never older than the count it is filed under."""
+        key = (box.changes, box.uidvalidity)
+        cached = self._imap_lists.get(box.id)
+        if cached is not None and cached[:2] == key:
+            self._imap_lists.move_to_end(box.id)
+            return cached[2]
+        rows = conn.execute(select(t.messages).where(t.messages.c.mailbox_id == box.id).order_by(t.messages.c.uid))
+        msgs = tuple(self._message_info(r) for r in rows)
+        if cached is not None:
+            self._imap_listed -= len(cached[2])
+        self._imap_lists[box.id] = (*key, msgs)
+        self._imap_lists.move_to_end(box.id)
+        self._imap_listed += len(msgs)
+        while self._imap_listed > IMAP_CACHED_MESSAGES and len(self._imap_lists) > 1:
+            _, (_, _, dropped) = self._imap_lists.popitem(last=False)
+            self._imap_listed -= len(dropped)
+        return msgs
+
+    @staticmethod
+    def _imap_changes(conn: Connection, mailbox_id: int) -> int | None:
+        return conn.execute(select(t.mailboxes.c.changes).where(t.mailboxes.c.id == mailbox_id)).scalar()
+
+    def _imap_patch(
+        self,
+        conn: Connection,
+        mailbox_id: int,
+        before: int | None,
+        edit: Callable[[tuple[MessageInfo, ...]], tuple[MessageInfo, ...]],
+    ) -> None:
+        """Apply a writing transaction's own change to the cached list, at the end of that transaction.
+
+        Only when the cache holds the list as of `before` (the count when the transaction, which holds
+        the write lock, began): then `edit` of it is exactly the list at the count now. A session's
+        STORE or APPEND thus does not make its next command reread the whole mailbox. Should the
+        commit fail, the database keeps `before`, which no longer matches, and the list is reread."""
+        cached = self._imap_lists.get(mailbox_id)
+        if cached is None or cached[0] != before:
+            return
+        after = self._imap_changes(conn, mailbox_id)
+        if after is None:
+            return
+        msgs = edit(cached[2])
+        self._imap_listed += len(msgs) - len(cached[2])
+        self._imap_lists[mailbox_id] = (after, cached[1], msgs)
 
     @staticmethod
     def _new_uidvalidity(conn: Connection, account_id: int) -> int:
@@ -786,6 +867,8 @@ class SqlStore:
         sessions never lose each other's changes); the resulting flags of every message found."""
 
         def work(conn: Connection) -> dict[int, tuple[str, ...]]:
+            before = self._imap_changes(conn, mailbox_id)
+            changed: set[int] = set()
             out: dict[int, tuple[str, ...]] = {}
             wanted = list(uids)
             for i in range(0, len(wanted), 500):
@@ -804,7 +887,15 @@ class SqlStore:
                         new = list(dict.fromkeys(flags))
                     if new != have:
                         conn.execute(update(t.messages).where(t.messages.c.id == r.id).values(flags=" ".join(new)))
+                        changed.add(r.uid)
                     out[r.uid] = tuple(new)
+            if changed:
+                self._imap_patch(
+                    conn,
+                    mailbox_id,
+                    before,
+                    lambda msgs: tuple(replace(m, flags=out[m.uid]) if m.uid in changed else m for m in msgs),
+                )
             return out
 
         return await self._tx(work)
@@ -882,10 +973,15 @@ class SqlStore:
             if box is None:
                 raise StorageError(f"no mailbox {name!r}")
             self._check_quota(conn, account_id, len(data), default_quota)
+            before = self._imap_changes(conn, box.id)
             inline: list[dict[str, Any]] = []
             uid = self._add_message(conn, box, data, flags, internal_date, inline)
             if inline:
                 conn.execute(insert(t.blob_data), inline)
+            if box.id in self._imap_lists:
+                row = conn.execute(select(t.messages).where(t.messages.c.mailbox_id == box.id, t.messages.c.uid == uid))
+                added = self._message_info(row.one())
+                self._imap_patch(conn, box.id, before, lambda msgs: (*msgs, added))
             return box.uidvalidity, uid
 
         return await self._tx(work)
