@@ -796,8 +796,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "spam.spam_probability",
         float,
-        0.9,
-        "Inbound mail the classifier gives at least this spam probability is spam (Junk, unless inbound.actions says otherwise).",
+        0.8,
+        "Inbound mail the classifier gives at least this spam probability is spam (Junk, unless inbound.actions says otherwise). The default was chosen with the shipped model by cross-validation (checks/spam/tune.py).",
         validator=_check_probability,
     ),
     Option(

@@ -37,7 +37,7 @@ class SpamWeights(Protocol):
 
 @dataclass(frozen=True)
 class SpamSettings:
-    spam_probability: float = 0.9
+    spam_probability: float = 0.8  # = config's default (chosen by checks/spam/tune.py)
     unsure_probability: float = 0.5
     outbound_probability: float = 0.99
     unsure_max_score: float = 4.5

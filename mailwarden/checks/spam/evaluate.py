@@ -20,6 +20,12 @@ from mailwarden.checks.spam.check import SpamCheck
 from mailwarden.checks.spam.corpus import Labelled, read_message
 from mailwarden.checks.spam.model import DEFAULT_BITS, Model, hash_features, train
 
+# The shipped model's training settings (chosen by cross-validation on the training part: checks/spam/tune.py).
+EPOCHS = 6
+RATE = 0.2
+L2 = 1e-5
+HAM_WEIGHT = 5.0
+
 
 @dataclass
 class Scores:
@@ -94,7 +100,7 @@ def train_global(
         if progress is not None:
             progress(len(items) + done * len(items) // max(total, 1), len(items) * 2)
 
-    model = train(examples, bits, progress=half)
+    model = train(examples, bits, epochs=EPOCHS, rate=RATE, l2=L2, progress=half, ham_weight=HAM_WEIGHT)
     if progress is not None:
         progress(len(items) * 2, len(items) * 2)
     return model
