@@ -81,7 +81,7 @@ _OVERSIGN_ORDER = tuple(h for h in SIGNED_HEADERS if h in OVERSIGNED)
 _WSP_RUN = re.compile(rb"[\t ]+")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 _SPACE_RUN = re.compile(rb" {2,}")
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[\t ]*")  # RFC 5322 ftext, then obsolete WSP before the colon
+_FTEXT = bytes(range(0x21, 0x3A)) + bytes(range(0x3B, 0x7F))  # RFC 5322 ftext: what a field name is made of
 _B64_LINE = 72  # characters of b= per folded line
 
 
@@ -200,18 +200,20 @@ def signed_headers(head: bytes) -> tuple[tuple[bytes, ...], bytes]:
         raise SigningError(f"more than {MAX_HEADER_FIELDS} header fields")
     names: list[bytes] = []
     data: list[bytes] = []
-    wanted = _WANTED
+    add_name, add_data, wanted = names.append, data.append, _WANTED  # this loop runs for every message sent
     for line in reversed(lines):
         name, colon, value = line.partition(b":")
         lname = name.lower()
-        if not colon or lname not in wanted:
-            if not colon or not _FIELD_NAME.fullmatch(name):
+        if lname not in wanted or not colon:
+            # A field name is ftext (RFC 5322: no space, no colon), then obsolete WSP before the colon
+            # (§4.5): deleting every ftext byte from it must leave nothing.
+            lname = lname.rstrip(b" ")
+            if not colon or not lname or lname.translate(None, _FTEXT):
                 raise SigningError("malformed header line")
-            lname = lname.rstrip(b" ")  # obsolete syntax: WSP before the colon (RFC 5322 §4.5)
             if lname not in wanted:
                 continue
-        names.append(lname)
-        data.append(lname + b":" + value.strip(b" "))
+        add_name(lname)
+        add_data(lname + b":" + value.strip(b" "))
     if b"from" not in names:
         raise SigningError("no From header")  # RFC 6376 §5.4: From must be signed
     names.extend(_OVERSIGN_ORDER)
@@ -264,6 +266,7 @@ def _load(key: SigningKey) -> _LoadedKey:
     raise SigningError(f"{key.selector}: unknown algorithm {key.algorithm}")
 
 
+@functools.lru_cache(maxsize=256)
 def _h_tag(names: tuple[bytes, ...]) -> bytes:
     """h=..., folded after a colon so no line passes 78 characters (FWS is allowed there).
 
