@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import imaplib
 import io
 import os
 import socket
@@ -419,3 +420,30 @@ def dns_server(_dns_backend: DnsServer) -> Iterator[DnsServer]:
     state.queries.clear()
     state.authenticated.clear()
     yield state
+
+
+# ---- IMAP: a server with both IMAP listeners, and a logged-in imaplib session -------------------------
+
+IMAP_LISTENERS = {"listen.imap": "127.0.0.1:0", "listen.imaps": "127.0.0.1:0"}
+
+
+@pytest.fixture
+def imap_server(server_factory: Any) -> RunningServer:
+    return server_factory(IMAP_LISTENERS)
+
+
+def imaps(server: RunningServer, user: str = BOB, password: str = BOB_PW) -> imaplib.IMAP4_SSL:
+    conn = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls.client_context(), timeout=30)
+    if user:
+        conn.login(user, password)
+    return conn
+
+
+@pytest.fixture
+def bob(imap_server: RunningServer) -> Iterator[imaplib.IMAP4_SSL]:
+    conn = imaps(imap_server)
+    yield conn
+    try:
+        conn.logout()
+    except Exception:
+        pass

@@ -11,7 +11,6 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,6 @@ import pytest
 
 from tests.conftest import BOB, BOB_PW, RunningServer, TlsMaterial, make_instance, start_server, stop_server
 from tests.test_imap_server import IMAP_LISTENERS, code_of, deliver, imaps, message, ok
-
-
-@pytest.fixture
-def imap_server(server_factory: Any) -> RunningServer:
-    return server_factory(IMAP_LISTENERS)
-
-
-@pytest.fixture
-def bob(imap_server: RunningServer) -> Iterator[imaplib.IMAP4_SSL]:
-    conn = imaps(imap_server)
-    yield conn
-    try:
-        conn.logout()
-    except Exception:
-        pass
 
 
 def fill(conn: imaplib.IMAP4, count: int, box: str = "INBOX") -> None:

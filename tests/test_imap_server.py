@@ -10,14 +10,11 @@ import smtplib
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import ALICE, ALICE_PW, BOB, BOB_PW, RunningServer
-
-IMAP_LISTENERS = {"listen.imap": "127.0.0.1:0", "listen.imaps": "127.0.0.1:0"}
+from tests.conftest import ALICE, ALICE_PW, BOB, BOB_PW, IMAP_LISTENERS, RunningServer, imaps
 
 
 def message(subject: str, body: str = "Hello there.", to: str = BOB) -> bytes:
@@ -35,28 +32,6 @@ def deliver(server: RunningServer, subject: str, to: str = BOB, body: str = "Hel
         c.ehlo("client.remote.test")
         assert c.sendmail("sender@remote.test", [to], message(subject, body, to)) == {}
     server.wait_filed()
-
-
-@pytest.fixture
-def imap_server(server_factory: Any) -> RunningServer:
-    return server_factory(IMAP_LISTENERS)
-
-
-def imaps(server: RunningServer, user: str = BOB, password: str = BOB_PW) -> imaplib.IMAP4_SSL:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls.client_context(), timeout=30)
-    if user:
-        conn.login(user, password)
-    return conn
-
-
-@pytest.fixture
-def bob(imap_server: RunningServer) -> Iterator[imaplib.IMAP4_SSL]:
-    conn = imaps(imap_server)
-    yield conn
-    try:
-        conn.logout()
-    except Exception:
-        pass
 
 
 def ok(result: tuple[str, list[Any]]) -> list[Any]:

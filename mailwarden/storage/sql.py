@@ -1934,26 +1934,14 @@ class SqlStore:
 
     async def release_quarantined(self, entry_id: int, batch: DeliveryBatch) -> bool:
         """Mark a held message released and file `batch` (its deliveries) in the same transaction; False if not held."""
-
-        def work(conn: Connection) -> tuple[bool, list[str]]:
-            r = conn.execute(
-                select(t.quarantine.c.blob).where(t.quarantine.c.id == entry_id, t.quarantine.c.state == "held")
-            ).first()
-            if r is None:
-                return False, []
-            conn.execute(
-                update(t.quarantine).where(t.quarantine.c.id == entry_id).values(state="released", decided=time.time())
-            )
-            self._deliver(conn, batch)
-            return True, self._delete_inline(conn, [r.blob])  # the mailbox copies are the message now
-
-        done, files = await self._tx(work)
-        for f in files:
-            self.blobs.delete(f)
-        return done
+        return await self._decide_quarantined(entry_id, "released", batch)
 
     async def delete_quarantined(self, entry_id: int) -> bool:
         """Drop a held message and its body; the row stays (state deleted) as the record of the decision."""
+        return await self._decide_quarantined(entry_id, "deleted", None)
+
+    async def _decide_quarantined(self, entry_id: int, state: str, batch: DeliveryBatch | None) -> bool:
+        """Move a held row to `state`, file `batch` if any, and drop the held body (the mailbox copies are it now)."""
 
         def work(conn: Connection) -> tuple[bool, list[str]]:
             r = conn.execute(
@@ -1962,8 +1950,10 @@ class SqlStore:
             if r is None:
                 return False, []
             conn.execute(
-                update(t.quarantine).where(t.quarantine.c.id == entry_id).values(state="deleted", decided=time.time())
+                update(t.quarantine).where(t.quarantine.c.id == entry_id).values(state=state, decided=time.time())
             )
+            if batch is not None:
+                self._deliver(conn, batch)
             return True, self._delete_inline(conn, [r.blob])
 
         done, files = await self._tx(work)
