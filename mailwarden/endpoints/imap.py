@@ -64,7 +64,7 @@ from mailwarden.protocol.imap.message import (
 )
 from mailwarden.protocol.imap.parser import CommandParser
 from mailwarden.protocol.smtp_reply import clean_text
-from mailwarden.security.app_passwords import LoginCheck, check_login
+from mailwarden.security.app_passwords import check_credentials
 from mailwarden.security.guard import Guard, banned_decision
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
@@ -600,12 +600,8 @@ class ImapSession(asyncio.Protocol):
         return await self._authenticate(login, password)
 
     async def _authenticate(self, login_b: bytes, password_b: bytes | None) -> Any:
-        login = login_b.decode("utf-8", "replace").strip().lower()
-        check = LoginCheck(False)
-        if password_b is not None and len(login) <= 320 and len(password_b) <= 1024:
-            services = self.services
-            password = password_b.decode("utf-8", "replace")
-            check = await check_login(services.hashing, services.store, services.config, login, password)
+        services = self.services
+        login, check = await check_credentials(services.hashing, services.store, services.config, login_b, password_b)
         if not check.ok:
             user = clean_text(login)
             log_event(

@@ -51,6 +51,7 @@ from mailwarden.pipeline.headers import received_header, return_path
 from mailwarden.pipeline.inbound import (
     InboundEnvelope,
     InboundPolicy,
+    Verdict,
     evaluate_message,
     evaluate_reputation,
     inbound_content_stage,
@@ -70,7 +71,7 @@ from mailwarden.pipeline.submission import (
 )
 from mailwarden.protocol.smtp_data import BodyChunk, DataError, DataFramer, EndOfData, LineError, check_command_line
 from mailwarden.protocol.smtp_reply import SmtpReply, clean_text, render_reply
-from mailwarden.security.app_passwords import LoginCheck, check_login
+from mailwarden.security.app_passwords import check_credentials
 from mailwarden.security.guard import Decision, Guard, banned_decision
 from mailwarden.security.passwords import PasswordHashing
 from mailwarden.security.tls import ServerTls
@@ -953,11 +954,7 @@ class SmtpSession(SMTP):
         if verdict.stripped:
             log_event("attachment_stripped", sid=self.sid, ip=self.ip, names=clean_text(", ".join(verdict.stripped)))
         if verdict.action is Action.QUARANTINE:
-            self._quarantine = {
-                "reason": "; ".join(verdict.reasons[:3]) or "quarantine",
-                "verdict": json.dumps(verdict.as_dict())[:16000],
-            }
-            log_event("quarantined", sid=self.sid, ip=self.ip, sender=clean_text(sender))
+            self._hold_in_quarantine(verdict, sender=clean_text(sender))
             return checked, "INBOX"
         folder = "Junk" if verdict.action is Action.JUNK else "INBOX"
         return checked, folder
@@ -1048,17 +1045,21 @@ class SmtpSession(SMTP):
             raise reply
         authenticated = self.session.authenticated  # type: ignore[union-attr]
         if verdict.action is Action.QUARANTINE and not authenticated:  # trusted-network mail: the quarantine store
-            self._quarantine = {
-                "reason": "; ".join(verdict.reasons[:3]) or "quarantine",
-                "verdict": json.dumps(verdict.as_dict())[:16000],
-            }
-            log_event("quarantined", sid=self.sid, ip=self.ip, reason="milter")
+            self._hold_in_quarantine(verdict, reason="milter")
             return "INBOX", ""
         if verdict.action in (Action.JUNK, Action.QUARANTINE):
             why = "content filter: " + "; ".join(verdict.reasons)
             # Outbound: held, never sent (pipeline/content.py's rule); local copies go to Junk.
             return "Junk", why if self.session.authenticated else ""  # type: ignore[union-attr]
         return "INBOX", ""
+
+    def _hold_in_quarantine(self, verdict: Verdict, **log: str) -> None:
+        """This message goes to the quarantine store, in no mailbox (filed from the spool record; pipeline/quarantine.py)."""
+        self._quarantine = {
+            "reason": "; ".join(verdict.reasons[:3]) or "quarantine",
+            "verdict": json.dumps(verdict.as_dict())[:16000],
+        }
+        log_event("quarantined", sid=self.sid, ip=self.ip, **log)
 
     def _end_milters(self) -> None:
         chain, self._milters = self._milters, None
@@ -1106,12 +1107,10 @@ class SmtpSession(SMTP):
 
     async def _auth_outcome(self, login_b: bytes, password_b: bytes | None) -> AuthResult:
         """Verify; a failure returns handled=False so aiosmtpd sends 535 5.7.8."""
-        login = login_b.decode("utf-8", "replace").strip().lower()
-        check = LoginCheck(False)
-        if password_b is not None and len(login) <= 320 and len(password_b) <= 1024:
-            services = self.services
-            password = password_b.decode("utf-8", "replace")
-            check = await check_login(services.hashing, services.accounts, services.config, login, password)
+        services = self.services
+        login, check = await check_credentials(
+            services.hashing, services.accounts, services.config, login_b, password_b
+        )
         if not check.ok:
             self._reject("auth_failed")
             log_event(

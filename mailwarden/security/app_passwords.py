@@ -59,6 +59,24 @@ class LoginCheck:
     reason: str | None = None  # why a failure failed, for the log only (never told to the client)
 
 
+MAX_LOGIN = 320  # an address
+MAX_PASSWORD = 1024  # longer is refused unhashed: argon2 over megabytes would be a free CPU burn
+
+
+async def check_credentials(
+    hashing: PasswordHashing, store: Any, config: Any, login_b: bytes, password_b: bytes | None
+) -> tuple[str, LoginCheck]:
+    """The normalized login and its check, from the bytes a client sent (IMAP LOGIN/AUTHENTICATE, SMTP AUTH).
+
+    One place for what every protocol needs first: decoding, lowercasing, and
+    refusing oversize input without hashing it.
+    """
+    login = login_b.decode("utf-8", "replace").strip().lower()
+    if password_b is None or len(login) > MAX_LOGIN or len(password_b) > MAX_PASSWORD:
+        return login, LoginCheck(False)
+    return login, await check_login(hashing, store, config, login, password_b.decode("utf-8", "replace"))
+
+
 async def check_login(hashing: PasswordHashing, store: Any, config: Any, login: str, password: str) -> LoginCheck:
     """Verify a login against the account password and the user's app passwords."""
     account = await store.get_account(login)
